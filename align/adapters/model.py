@@ -1,0 +1,243 @@
+"""``AdapterModel``: one frozen base and any number of named adapters, one active per forward.
+
+    model = AdapterModel(base)                         # base frozen; nothing wrapped yet
+    model.add_adapter("sft", LoraConfig(r=16))
+    model.add_adapter("policy", LoraConfig(r=16))
+    with model.use("policy"):   logits = model(input_ids).logits
+    with model.disabled():      base_logits = model(input_ids).logits
+
+Rules the engine keeps: the base never trains (its parameters stay ``requires_grad=False``); switching the active
+adapter changes neither ``requires_grad`` nor any weight; only the active adapter's output is added, so only its
+parameters receive gradients; every adapter lives in one dtype (``adapter_dtype``, fp32 by default) whatever the
+base's dtype or quantization, and inputs are cast to it inside the adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import base_layers as bl
+from .config import AdapterConfig
+from .errors import AdapterError
+from .layer import AdaptedLayer, AdapterState
+from .registry import method_of
+from .targeting import find_targets
+
+
+class AdapterModel(nn.Module):
+    """A transformers-style causal LM (or any nn.Module) with named adapters. ``self.model`` is the base."""
+
+    def __init__(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if isinstance(model, AdapterModel):
+            raise AdapterError("model is already an AdapterModel; add adapters to it directly")
+        if not adapter_dtype.is_floating_point or adapter_dtype == torch.float16 and _is_cpu(model):
+            raise AdapterError(f"adapter_dtype {adapter_dtype} is not usable here; use torch.float32 or bfloat16")
+        self.model = model
+        self.adapter_dtype = adapter_dtype
+        self.configs: dict[str, AdapterConfig] = {}
+        self._state = AdapterState()
+        self._layers: dict[str, AdaptedLayer] = {}
+        model.requires_grad_(False)
+        for module in model.modules():  # every 4-bit layer, adapted or not: gradients flow through all of them
+            bl.unpack_4bit(module)
+
+    # ----------------------------------------------------------------------------------------- adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    def add_adapter(self, name: str, config: AdapterConfig, trainable: bool = True) -> None:
+        """Wrap the layers ``config`` targets (once) and give each a fresh ``name`` adapter."""
+        if not name or not isinstance(name, str) or "." in name:
+            raise AdapterError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        if name in self.configs:
+            raise AdapterError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+        self._refuse_while_merged("add an adapter")
+        method = method_of(config)
+        paths = find_targets(self.model, config.target_modules, config.exclude_modules)
+        for path in paths:
+            layer = self._wrap(path)
+            layer.add(name, method.module_cls.build(config, layer.base_layer, self.adapter_dtype))
+        self.configs[name] = config
+        self.set_trainable(name, trainable)
+
+    def delete_adapter(self, name: str) -> None:
+        self._check(name)
+        if any(layer.merged == name for layer in self._layers.values()):
+            raise AdapterError(f"adapter {name!r} is merged into the base; unmerge() it before deleting")
+        for layer in self._layers.values():
+            if name in layer.adapters:
+                del layer.adapters[name]
+        del self.configs[name]
+        if self._state.active == name:
+            self._state.active = None
+
+    def copy_adapter(self, source: str, name: str, trainable: bool = True) -> None:
+        """A new adapter ``name`` with the same config and a copy of ``source``'s current weights."""
+        self._check(source)
+        self.add_adapter(name, self.configs[source], trainable=trainable)
+        with torch.no_grad():
+            for layer in self.layers_of(source).values():
+                for dst, src in zip(layer.adapters[name].parameters(), layer.adapters[source].parameters()):
+                    dst.copy_(src)
+
+    def layers_of(self, name: str) -> dict[str, AdaptedLayer]:
+        """path -> wrapper, for the layers that carry adapter ``name``."""
+        self._check(name)
+        return {p: layer for p, layer in self._layers.items() if name in layer.adapters}
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT-style keys relative to the base model (``model.layers.0.self_attn.q_proj.lora_A.weight``)."""
+        return {
+            f"{path}.{key}": tensor
+            for path, layer in self.layers_of(name).items()
+            for key, tensor in layer.adapters[name].peft_state_dict().items()
+        }
+
+    # ------------------------------------------------------------------------------------- switching
+    @property
+    def active_adapter(self) -> str | None:
+        return self._state.active
+
+    def set_active(self, name: str | None) -> None:
+        """Make ``name`` the adapter used by every later forward (None: the bare base)."""
+        if name is not None:
+            self._check(name)
+        merged = self.merged_adapter
+        if merged is not None and name != merged:
+            raise AdapterError(
+                f"adapter {merged!r} is merged into the base weights, so {name!r} cannot run on a clean base; "
+                "call unmerge() first"
+            )
+        self._state.active = name
+
+    @contextmanager
+    def use(self, name: str | None) -> Iterator[AdapterModel]:
+        """Run the block with adapter ``name`` active (None: the bare base); the previous choice is restored."""
+        previous = self._state.active
+        self.set_active(name)
+        try:
+            yield self
+        finally:
+            self._state.active = previous
+
+    def disabled(self):
+        """Run the block on the bare base, all adapters off."""
+        return self.use(None)
+
+    # ---------------------------------------------------------------------------------- trainability
+    def set_trainable(self, name: str, trainable: bool) -> None:
+        """Freeze or unfreeze every parameter of adapter ``name``; nothing else changes."""
+        for param in self.adapter_parameters(name):
+            param.requires_grad_(trainable)
+
+    def freeze(self, name: str) -> None:
+        self.set_trainable(name, False)
+
+    def unfreeze(self, name: str) -> None:
+        self.set_trainable(name, True)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for layer in self.layers_of(name).values() for p in layer.adapters[name].parameters()]
+
+    def named_adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        for path, layer in self.layers_of(name).items():
+            for key, param in layer.adapters[name].named_parameters():
+                yield f"{path}.{key}", param
+
+    # ---------------------------------------------------------------------------------------- merging
+    @property
+    def merged_adapter(self) -> str | None:
+        names = {layer.merged for layer in self._layers.values()} - {None}
+        return names.pop() if names else None
+
+    def merge(self, name: str, dequantize: bool = False) -> None:
+        """Fold adapter ``name`` into the base weights (forward of ``name`` then costs nothing extra).
+
+        A quantized base layer cannot hold the update without rounding it away: the call is refused unless
+        ``dequantize=True``, which first replaces those layers by full-precision copies (``adapter_dtype``) and keeps
+        them so. While merged, only ``name`` can be active; ``unmerge()`` restores the base.
+        """
+        self._check(name)
+        self._refuse_while_merged(f"merge {name!r}")
+        layers = self.layers_of(name)
+        quantized = [p for p, layer in layers.items() if bl.is_quantized(layer.base_layer)]
+        if quantized and not dequantize:
+            raise AdapterError(
+                f"adapter {name!r} sits on {len(quantized)} quantized layers (e.g. {quantized[0]}); merging into "
+                "4/8-bit weights would round the update away. Pass dequantize=True to replace them by full-precision "
+                "layers first, or load the base in full precision and merge there"
+            )
+        for layer in layers.values():
+            if bl.is_quantized(layer.base_layer):
+                layer.base_layer = bl.dequantized_linear(layer.base_layer, self.adapter_dtype)
+            layer.adapters[name].merge_into(layer.base_layer)
+            layer.merged = name
+        self._state.active = name
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: subtract the update again (exact up to floating-point rounding)."""
+        name = self.merged_adapter
+        if name is None:
+            return
+        for layer in self._layers.values():
+            if layer.merged == name:
+                layer.adapters[name].unmerge_from(layer.base_layer)
+                layer.merged = None
+
+    def merge_and_unload(self, name: str, dequantize: bool = False) -> nn.Module:
+        """Merge ``name`` and return the plain base model with every wrapper removed (other adapters are dropped).
+        The result is an ordinary transformers model: ``save_pretrained`` it to export."""
+        self.merge(name, dequantize=dequantize)
+        for path, layer in list(self._layers.items()):
+            _set_submodule(self.model, path, layer.base_layer)
+        self._layers.clear()
+        self.configs.clear()
+        self._state.active = None
+        return self.model
+
+    # ----------------------------------------------------------------------------------- forwarding
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+    # --------------------------------------------------------------------------------------- helpers
+    def _wrap(self, path: str) -> AdaptedLayer:
+        if path in self._layers:
+            return self._layers[path]
+        base = self.model.get_submodule(path)
+        bl.unpack_4bit(base)
+        layer = AdaptedLayer(base, self._state)
+        _set_submodule(self.model, path, layer)
+        self._layers[path] = layer
+        return layer
+
+    def _check(self, name: str) -> None:
+        if name not in self.configs:
+            raise AdapterError(f"no adapter named {name!r}; adapters: {self.adapter_names or 'none'}")
+
+    def _refuse_while_merged(self, what: str) -> None:
+        merged = self.merged_adapter
+        if merged is not None:
+            raise AdapterError(f"cannot {what} while adapter {merged!r} is merged into the base; unmerge() first")
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
+
+
+def _is_cpu(model: nn.Module) -> bool:
+    return all(p.device.type in ("cpu", "meta") for p in model.parameters())
