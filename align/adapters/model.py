@@ -201,6 +201,25 @@ class AdapterModel(nn.Module):
         self._state.active = None
         return self.model
 
+    # ------------------------------------------------------------------------------ saving, reporting
+    def save_adapter(self, name: str, directory):
+        """Write adapter ``name`` in PEFT's format (see ``peft_format.save_adapter``)."""
+        from .peft_format import save_adapter
+
+        return save_adapter(self, name, directory)
+
+    def load_adapter(self, directory, name: str, trainable: bool = False, check_base: bool = True):
+        """Add adapter ``name`` from a PEFT-format directory (see ``peft_format.load_adapter``)."""
+        from .peft_format import load_adapter
+
+        return load_adapter(self, directory, name, trainable=trainable, check_base=check_base)
+
+    def parameter_report(self):
+        """Trainable vs all parameters, like PEFT's ``print_trainable_parameters``."""
+        from .report import parameter_report
+
+        return parameter_report(self)
+
     # ----------------------------------------------------------------------------------- forwarding
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
