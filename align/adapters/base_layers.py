@@ -101,6 +101,7 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
         if module.bias is not None:
             linear.bias.copy_(module.bias.detach().to(dtype))
     linear.requires_grad_(False)
+    linear.train(module.training)
     return linear
 
 

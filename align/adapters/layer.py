@@ -38,7 +38,7 @@ class AdaptedLayer(nn.Module):
         return self.adapters[name](x, self.base_layer)
 
     def add(self, name: str, module: AdapterModule) -> None:
-        self.adapters[name] = module
+        self.adapters[name] = module.train(self.base_layer.training)  # eval base: no dropout in a new adapter
 
     # Attribute pass-through so model code that inspects its projections (dtype checks, shapes) keeps working.
     @property

@@ -11,10 +11,14 @@ from . import base_layers as bl
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass. Non-reentrant checkpointing lets gradients reach adapters even
     though the frozen base's inputs (the embeddings) do not require grad."""
-    base = getattr(model, "model", model) if not hasattr(model, "gradient_checkpointing_enable") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(base, "config", None) is not None:
-        base.config.use_cache = False  # a KV cache is useless (and warned about) while checkpointing
+    if not any(hasattr(model, name) for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable")):
+        model = getattr(model, "model", model)  # an AdapterModel: its base
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns and will go in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False  # a KV cache is useless (and warned about) while checkpointing
 
 
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:

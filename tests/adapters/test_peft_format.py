@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from align.adapters import AdapterError, AdapterModel, BaseMismatchError, LoraConfig, base_fingerprint
-from align.adapters import load_adapter, save_adapter
+from align.adapters.peft_format import load_adapter, save_adapter
 from align.models.tiny import tiny_gpt2, tiny_llama
 
 CASES = {
@@ -148,7 +148,7 @@ def test_written_config_has_the_keys_peft_reads(factory, targets, conv1d, tmp_pa
 # --------------------------------------------------------------------------------------- base checks
 @pytest.fixture
 def saved_llama(tmp_path):
-    """An adapter saved on tiny_llama(seed=0) named 'tiny/llama-seed0'; returns (directory, its logits model)."""
+    """An adapter saved on tiny_llama(seed=0) named 'tiny/llama-seed0'; returns (directory, the model that saved it)."""
     base = tiny_llama(seed=0)
     base.config.name_or_path = "tiny/llama-seed0"
     model = AdapterModel(base).eval()
@@ -192,7 +192,7 @@ def test_check_base_false_loads_onto_a_different_base_of_the_same_shape(saved_ll
     model = AdapterModel(tiny_llama(seed=1))
     load_adapter(model, directory, "a", check_base=False)
     want, got = saved.adapter_state_dict("a"), model.adapter_state_dict("a")
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_bf16_reload_of_the_same_base_is_accepted(saved_llama, tmp_path, input_ids):
