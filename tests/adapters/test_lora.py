@@ -274,3 +274,20 @@ def test_engine_imports_only_torch():
     code = "import sys, align.adapters; print(sorted(m for m in ('transformers', 'bitsandbytes', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_merge_and_export_plain_transformers_model(factory, input_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AdapterModel(factory())
+    model.add_adapter("other", LoraConfig(r=2, init_lora_weights=False))
+    model.add_adapter("a", LoraConfig(r=4, use_dora=True, init_lora_weights=False))
+    with model.use("a"):
+        adapted = model(input_ids).logits
+    plain = model.merge_and_unload("a")
+    assert not any(isinstance(m, type(model.model)) and m is not plain for m in plain.modules())
+    assert not any("adapters" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    plain.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded(input_ids).logits, adapted, atol=1e-5, rtol=0)
