@@ -91,6 +91,7 @@ def test_tokenizer_covers_the_world_and_chat_template(tmp_path):
         ids = tok(f"{review.prompt} {review.response}").input_ids
         assert tok.unk_token_id not in ids and ids.count(tok.bos_token_id) == 1
         response_ids = tok(review.response, add_special_tokens=False).input_ids
+        assert tok.decode(response_ids) == review.response  # decoding round-trips: generated text re-tokenizes
         assert score(tok.decode(response_ids)) == pytest.approx(score(review.response))
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from .scorer import score
 from .world import ReviewWorld
 
-WORLD_VERSION = 1  # bump when the lexicon, grammar or scorer changes: it keys every cache
+WORLD_VERSION = 2  # bump when the lexicon, grammar or scorer changes: it keys every cache
 
 
 @dataclass(frozen=True)
