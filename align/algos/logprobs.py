@@ -1,0 +1,163 @@
+"""Token and sequence log-probabilities, and masked reductions.
+
+``chunked_token_logps`` goes from hidden states straight to the log-prob of each label token, one slice of the
+vocabulary at a time, so the (B, T, V) logits never exist at once: forward and backward both hold at most a few
+(B*T, chunk) fp32 tensors, plus the gradient of the lm_head weight when that weight is trainable.
+
+Labels are already shifted: ``labels[b, t]`` is the token whose probability position ``t`` predicts. Positions whose
+label equals ``ignore_index`` get log-prob 0 and no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Log-prob of each label under ``logits``, computed in fp32 (fp64 for fp64 logits).
+
+    logits (B, T, V), labels (B, T) int; returns (B, T), 0 where ``labels == ignore_index``.
+    log p(y) = z_y - logsumexp(z). Materialises fp32 logits: use ``chunked_token_logps`` for large V.
+    """
+    valid = labels != ignore_index
+    logits = logits.to(_reduce_dtype(logits))
+    picked = logits.gather(-1, labels.where(valid, 0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return torch.where(valid, picked - torch.logsumexp(logits, dim=-1), 0.0)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Log-prob of each label from hidden states, in slices of ``chunk_size`` vocabulary rows.
+
+    hidden (B, T, H), lm_head_weight (V, H), labels (B, T) int, lm_head_bias (V,) or None; returns (B, T) in fp32
+    (fp64 for fp64 inputs), 0 where ``labels == ignore_index``. The logits are
+    z = softcap * tanh(u / softcap) / temperature with u = hidden @ W^T + b (softcap as Gemma 2's
+    ``final_logit_softcapping``, no tanh when None; temperature as in sampling).
+
+    log p(y) = z_y - logsumexp(z), the logsumexp taken per slice and then across slices (exact, no approximation).
+    A custom autograd function recomputes each slice's logits in backward rather than storing them, so peak memory
+    is O(B*T*chunk_size) in both passes; gradients flow to hidden, weight and bias (only those that require grad)
+    and match the full computation to rounding. Slice logits are computed in the input dtype (or the autocast
+    dtype, which backward restores) and reduced in fp32.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+    flat_labels = labels.reshape(-1)  # (B*T,)
+    logps = _ChunkedTokenLogps.apply(flat_hidden, lm_head_weight, lm_head_bias, flat_labels, chunk_size,
+                                     softcap, temperature, ignore_index)
+    return logps.view(labels.shape)  # (B, T)
+
+
+def _reduce_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for half types, fp64 stays fp64 (so gradcheck can run)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _slice_logits(x, weight, bias, start, end, softcap, temperature):
+    """Logits z (N, C), fp32 or fp64, of vocab rows [start, end), and dz/du: an (N, C) tensor with softcap, else the
+    constant 1 / temperature as a float (None when 1)."""
+    u = x @ weight[start:end].T  # (N, C) in the input dtype
+    if bias is not None:
+        u = u + bias[start:end]
+    u = u.to(_reduce_dtype(u))
+    if softcap is None:
+        return (u, None) if temperature == 1.0 else (u / temperature, 1.0 / temperature)
+    squashed = torch.tanh(u / softcap)
+    return squashed * (softcap / temperature), (1.0 - squashed.square()) / temperature
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """Forward: per-slice logsumexp and label logit. Backward: recompute each slice, d logp / dz = onehot - softmax."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, chunk_size, softcap, temperature, ignore_index):
+        valid = labels != ignore_index
+        safe_labels = labels.where(valid, 0)
+        picked = torch.zeros(x.shape[0], dtype=_reduce_dtype(x), device=x.device)  # (N,)
+        slice_lse = []
+        for start in range(0, weight.shape[0], chunk_size):
+            end = min(start + chunk_size, weight.shape[0])
+            z, _ = _slice_logits(x, weight, bias, start, end, softcap, temperature)  # (N, C)
+            slice_lse.append(torch.logsumexp(z, dim=-1))
+            inside = (safe_labels >= start) & (safe_labels < end)
+            local = (safe_labels - start).clamp(0, end - start - 1)
+            picked = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), picked)
+        lse = torch.logsumexp(torch.stack(slice_lse, dim=-1), dim=-1)  # (N, n_slices) -> (N,)
+        ctx.save_for_backward(x, weight, bias, safe_labels, valid, lse)
+        ctx.options = (chunk_size, softcap, temperature)
+        device = x.device.type  # backward recomputes the slices under the forward's autocast state
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return torch.where(valid, picked - lse, 0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, bias, labels, valid, lse = ctx.saved_tensors
+        device, autocast_on, autocast_dtype = ctx.autocast
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
+            grads = _slice_grads(x, weight, bias, labels, valid, lse, grad_out, need_x, need_w, need_b, *ctx.options)
+        return (*grads, None, None, None, None, None)
+
+
+def _slice_grads(x, weight, bias, labels, valid, lse, grad_out, need_x, need_w, need_b,
+                 chunk_size, softcap, temperature):
+    """Gradients to x (N, H), weight (V, H) and bias (V,), each None when not needed; one vocab slice at a time."""
+    g = torch.where(valid, grad_out.to(lse.dtype), 0.0)  # (N,)
+    grad_x = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if need_x else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty_like(bias) if need_b else None
+    for start in range(0, weight.shape[0], chunk_size):
+        end = min(start + chunk_size, weight.shape[0])
+        z, dz_du = _slice_logits(x, weight, bias, start, end, softcap, temperature)
+        grad_z = torch.exp(z - lse.unsqueeze(1)).mul_(-g.unsqueeze(1))  # -g * softmax, (N, C)
+        rows = torch.nonzero((labels >= start) & (labels < end)).squeeze(1)
+        grad_z.index_put_((rows, labels[rows] - start), g[rows], accumulate=True)  # + g * onehot
+        grad_u = grad_z if dz_du is None else grad_z.mul_(dz_du)
+        grad_u_in = grad_u.to(x.dtype)
+        if need_x:
+            grad_x += grad_u_in @ weight[start:end]
+        if need_w:
+            grad_w[start:end] = grad_u_in.T @ x
+        if need_b:
+            grad_b[start:end] = grad_u.sum(0)
+    return (grad_x.to(x.dtype) if need_x else None), grad_w, grad_b
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = -1) -> torch.Tensor:
+    """Sum of ``values`` where ``mask`` is True (True = the position counts). Same shapes; reduces ``dim`` (None:
+    everything). Masked-out positions are dropped with ``where``, so inf/NaN there cannot leak into the sum."""
+    kept = torch.where(mask.bool(), values, 0.0)
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is True, reducing ``dim`` (None: one mean over all kept
+    positions, e.g. a token-level mean over the batch). A slice with no kept position gives 0, not NaN."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def sequence_logps(token_logps: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sequence log-prob from token log-probs: token_logps (B, T), response_mask (B, T) True = response token;
+    returns (B,): the sum over response tokens, or their mean when ``average`` (length-normalised, as IPO and
+    SimPO use)."""
+    if average:
+        return masked_mean(token_logps, response_mask, dim=-1)
+    return masked_sum(token_logps, response_mask, dim=-1)

@@ -1,0 +1,63 @@
+"""Per-method trainer settings (``trainer.sft``, ``trainer.reward``, ``trainer.dpo``). Plain floats for the math."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from .errors import ConfigError
+
+DPOLossName = Literal["sigmoid", "ipo", "hinge", "cdpo", "robust", "simpo"]
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Completion-only causal-LM loss on the ``adapter`` (token mean over response tokens)."""
+
+    adapter: str = "sft"
+    chunk_size: int = 4096
+    eval_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Bradley-Terry reward model: ``adapter`` + a scalar head read at the last token. ``margin`` adds a fixed
+    margin to the loss; ``center_rewards`` adds coef * (r_c + r_r)^2 to keep scores near zero (0 = off)."""
+
+    adapter: str = "reward"
+    margin: float = 0.0
+    center_rewards: float = 0.0
+    eval_batch_size: int = 32
+    stats_rows: int = 512
+
+    def __post_init__(self) -> None:
+        if self.center_rewards < 0:
+            raise ConfigError("trainer.reward.center_rewards", self.center_rewards, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO family. The policy adapter starts as a copy of ``reference`` (the SFT adapter) or fresh when there is
+    none, in which case the reference is the bare base. ``precompute_reference``: compute the reference log-probs
+    once before training (default) instead of at every step."""
+
+    beta: float = 0.1
+    loss: DPOLossName = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    policy: str = "policy"
+    reference: str | None = "sft"
+    precompute_reference: bool = True
+    chunk_size: int = 4096
+    eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beta, (int, float)) or self.beta <= 0:
+            raise ConfigError("trainer.dpo.beta", self.beta, "a positive number, e.g. 0.1")
+        if self.loss not in get_args(DPOLossName):
+            raise ConfigError("trainer.dpo.loss", self.loss, f"one of {get_args(DPOLossName)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("trainer.dpo.label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        if self.label_smoothing and self.loss not in ("cdpo", "robust"):
+            raise ConfigError("trainer.dpo.label_smoothing", self.label_smoothing,
+                              "0 unless trainer.dpo.loss is 'cdpo' or 'robust'")

@@ -1,0 +1,35 @@
+"""Load a base model and its tokenizer from a local path (or a hub name when online), optionally quantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32):
+    """The frozen base for every role, and its tokenizer. quantization: 'none', 'nf4' (4-bit, QLoRA) or 'int8'."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization={quantization!r}: expected one of {QUANTIZATIONS}")
+    if not Path(path).exists() and Path(path).is_absolute():
+        raise FileNotFoundError(f"model.path={path}: no such directory (align never downloads from a path)")
+    kwargs: dict = {"dtype": dtype}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+            if quantization == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model.requires_grad_(False)
+    return model.eval(), load_tokenizer(path)

@@ -1,0 +1,93 @@
+"""Checkpoints that hold everything an exact resume needs, written atomically.
+
+    checkpoints/step-000010/
+        trainable.safetensors   every trainable tensor (adapters, heads), by qualified name
+        optimizer.pt            the optimizer's state dict (read back with torch.load(weights_only=True))
+        rng.safetensors         torch RNG states
+        state.json              step, data position, scheduler, Python RNG, trainer extras (KL controller, ...)
+    checkpoints/latest          the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory and renamed into place, then ``latest`` is replaced
+atomically: a crash at any moment leaves the previous checkpoint complete and pointed to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            tensors[f"torch_cuda_{i}"] = torch.cuda.get_rng_state(i)
+    version, state, gauss = random.getstate()
+    return tensors, [version, list(state), gauss]
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    for key, value in tensors.items():
+        if key.startswith("torch_cuda_") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(value, int(key.rsplit("_", 1)[1]))
+    version, state, gauss = python_state
+    random.setstate((version, tuple(state), gauss))
+
+
+def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``root`` and keep only the newest ``keep`` ones. Returns its directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    rng_tensors, python_rng = capture_rng()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": python_rng}))
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _write_atomic(root / LATEST, name)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    """(trainable tensors, optimizer state, state) of a checkpoint. Restores the RNG states as a side effect."""
+    path = Path(path)
+    trainable = load_file(str(path / "trainable.safetensors"))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    state = json.loads((path / "state.json").read_text())
+    restore_rng(load_file(str(path / "rng.safetensors")), state.pop("python_rng"))
+    return trainable, optimizer_state, state
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
