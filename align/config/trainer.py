@@ -58,7 +58,9 @@ class OptimizerConfig:
 class LoopConfig:
     """The shared loop. One optimizer step consumes ``grad_accum_steps`` micro-batches of
     ``micro_batch_size`` rows; losses are normalised over the whole step (tokens or pairs), so 8 x 1 equals 1 x 8.
-    ``eval_every``/``save_every`` 0: only at the end. ``keep_checkpoints``: how many step checkpoints to keep."""
+    ``eval_every``/``save_every`` 0: only at the end. ``keep_checkpoints``: how many step checkpoints to keep.
+    ``deepspeed``: path of a DeepSpeed JSON config (``configs/deepspeed/zero3.json``) to train through a DeepSpeed
+    engine (ZeRO-2/3, CPU offload, several ranks); None trains in one plain PyTorch process."""
 
     max_steps: int = 100
     micro_batch_size: int = 8
@@ -70,6 +72,7 @@ class LoopConfig:
     precision: Precision = "fp32"
     seed: int = 0
     progress: bool = True
+    deepspeed: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "keep_checkpoints"):
@@ -79,6 +82,9 @@ class LoopConfig:
         if self.precision not in get_args(Precision):
             raise ConfigError("trainer.precision", self.precision,
                               f"one of {get_args(Precision)} (fp16 has no fast path on CPUs; use bf16)")
+        if self.deepspeed is not None and (not isinstance(self.deepspeed, str) or not self.deepspeed):
+            raise ConfigError("trainer.deepspeed", self.deepspeed,
+                              "null or the path of a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json")
 
     @property
     def rows_per_step(self) -> int:

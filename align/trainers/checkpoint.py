@@ -2,13 +2,16 @@
 
     checkpoints/step-000010/
         trainable.safetensors   every trainable tensor (adapters, heads), by qualified name
-        optimizer.pt            the optimizer's state dict (read back with torch.load(weights_only=True))
-        rng.safetensors         torch RNG states
+        optimizer.pt            the back-end's optimizer state (read back with torch.load(weights_only=True))
+        deepspeed/              instead of optimizer.pt with trainer.deepspeed: the engine's shards, one per rank
+        rng.safetensors         torch RNG states (rng-rank<r>.safetensors: those of rank r > 0)
         state.json              step, data position, scheduler, Python RNG, trainer extras (KL controller, ...)
     checkpoints/latest          the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory and renamed into place, then ``latest`` is replaced
-atomically: a crash at any moment leaves the previous checkpoint complete and pointed to.
+atomically: a crash at any moment leaves the previous checkpoint complete and pointed to. With several ranks
+(DeepSpeed) every rank calls ``save_checkpoint``: each writes its back-end shards and RNG states into the same
+temporary directory, and rank 0 alone writes the rest, renames and prunes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +48,36 @@ def restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
-def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                    state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``root`` and keep only the newest ``keep`` ones. Returns its directory."""
+def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any],
+                    keep: int = 2, write_extra: Callable[[Path], dict] | None = None, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write checkpoint ``step`` under ``root`` and keep only the newest ``keep`` ones. Returns its directory.
+    ``write_extra(directory)`` writes further files (the optimizer state) and returns entries for state.json.
+    Several ranks: all call it with their ``rank`` and a ``barrier``; rank 0's ``trainable`` and state are written."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    tmp = root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    barrier()
+    if write_extra is not None:
+        state = {**state, **write_extra(tmp)}
     rng_tensors, python_rng = capture_rng()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": python_rng}))
+    save_file(rng_tensors, str(tmp / _rng_file(rank)))
+    barrier()
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _write_atomic(root / LATEST, name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": python_rng}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _write_atomic(root / LATEST, name)
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -77,14 +90,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
-    """(trainable tensors, optimizer state, state) of a checkpoint. Restores the RNG states as a side effect."""
+def load_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable tensors, state) of a checkpoint. Restores the RNG states of ``rank`` as a side effect (Python's
+    from rank 0)."""
     path = Path(path)
     trainable = load_file(str(path / "trainable.safetensors"))
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     state = json.loads((path / "state.json").read_text())
-    restore_rng(load_file(str(path / "rng.safetensors")), state.pop("python_rng"))
-    return trainable, optimizer_state, state
+    restore_rng(load_file(str(path / _rng_file(rank))), state.pop("python_rng"))
+    return trainable, state
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,7 +1,9 @@
 """A deterministic, resumable stream of micro-batches over a dataset.
 
 Epoch ``e`` visits the rows in the order of ``randperm(n, seed + e)``; the stream's whole state is the number of
-micro-batches it has handed out, so a resumed run continues exactly where the interrupted one stopped.
+micro-batches it has handed out, so a resumed run continues exactly where the interrupted one stopped. With several
+ranks (``shard``) every global micro-batch of ``batch_size * world_size`` rows is split between the ranks, so they
+see together what one process with ``world_size`` times larger micro-batches sees.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class BatchStream:
         self.batch_size = min(batch_size, len(dataset))
         self.batches_per_epoch = len(dataset) // self.batch_size
         self.position = 0  # micro-batches handed out so far
+        self.rank, self.world_size = 0, 1
         self._order: tuple[int, list[int]] | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -34,6 +37,14 @@ class BatchStream:
             self._order = (epoch, order)
         return self._order[1]
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Make this stream rank ``rank``'s share of a ``world_size``-rank run (before the first ``next``)."""
+        if world_size > 1 and len(self.dataset) < self.batch_size * world_size:
+            raise ValueError(f"the training set has {len(self.dataset)} rows, fewer than one micro-batch per rank "
+                             f"({self.batch_size} x {world_size} ranks)")
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = len(self.dataset) // (self.batch_size * world_size)
+
     @property
     def epoch(self) -> int:
         return self.position // self.batches_per_epoch
@@ -41,7 +52,8 @@ class BatchStream:
     def next(self) -> Any:
         epoch, index = divmod(self.position, self.batches_per_epoch)
         order = self._epoch_order(epoch)
-        rows = [self.dataset[i] for i in order[index * self.batch_size:(index + 1) * self.batch_size]]
+        start = (index * self.world_size + self.rank) * self.batch_size
+        rows = [self.dataset[i] for i in order[start:start + self.batch_size]]
         self.position += 1
         return self.collate(rows)
 

@@ -16,7 +16,7 @@ from align.algos import dpo_implicit_rewards, get_dpo_loss, masked_sum
 from align.config.methods import DPOConfig
 from align.config.trainer import LoopConfig, OptimizerConfig
 from align.data import PreferenceCollator
-from align.models.forward import response_token_logps
+from align.models.forward import disable_dropout, response_token_logps
 
 from .common import batches
 from .data_stream import BatchStream
@@ -47,28 +47,37 @@ class RefCollator:
 
 
 @torch.no_grad()
-def precompute_reference(model: AdapterModel, dataset, pad_token_id: int, cfg: DPOConfig):
-    """The dataset with ``ref_chosen`` / ``ref_rejected`` columns, computed once in eval mode."""
+def reference_logps(model: AdapterModel, batch: dict, cfg: DPOConfig) -> torch.Tensor:
+    """(2B,) log-probs under the reference, in eval mode: the frozen reference is one fixed function, so its
+    adapter's dropout stays off whether it is precomputed or computed at every training step."""
     was_training = model.training
     model.eval()
+    try:
+        return sequence_logps(model, batch, cfg.reference, cfg)
+    finally:
+        model.train(was_training)
+
+
+def precompute_reference(model: AdapterModel, dataset, pad_token_id: int, cfg: DPOConfig):
+    """The dataset with ``ref_chosen`` / ``ref_rejected`` columns, computed once in eval mode."""
     collate = PreferenceCollator(pad_token_id)
     chosen, rejected = [], []
     for batch in batches(dataset, cfg.eval_batch_size, collate):
-        c, r = sequence_logps(model, batch, cfg.reference, cfg).float().chunk(2)
+        c, r = reference_logps(model, batch, cfg).float().chunk(2)
         chosen += c.tolist()
         rejected += r.tolist()
-    model.train(was_training)
     return dataset.add_column("ref_chosen", chosen).add_column("ref_rejected", rejected)
 
 
 def dpo_loss(model: AdapterModel, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over pairs of the configured DPO-family loss, with the usual diagnostics."""
     policy_chosen, policy_rejected = sequence_logps(model, batch, cfg.policy, cfg).float().chunk(2)
-    if "ref_logps" in batch:
+    if cfg.loss == "simpo":  # reference-free
+        ref_chosen, ref_rejected = torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected)
+    elif "ref_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_logps"].float().chunk(2)
     else:
-        with torch.no_grad():
-            ref_chosen, ref_rejected = sequence_logps(model, batch, cfg.reference, cfg).float().chunk(2)
+        ref_chosen, ref_rejected = reference_logps(model, batch, cfg).float().chunk(2)
     options = {"cdpo": {"label_smoothing": cfg.label_smoothing}, "robust": {"label_smoothing": cfg.label_smoothing},
                "simpo": {"gamma": cfg.simpo_gamma}}.get(cfg.loss, {})
     losses = get_dpo_loss(cfg.loss)(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, **options)
@@ -125,6 +134,7 @@ def build_dpo_trainer(model: AdapterModel, train_set, eval_set, pad_token_id: in
                       adapter_config: LoraConfig | None = None) -> Trainer:
     """Set up the policy and a ``Trainer`` for it. Reference log-probs are precomputed here when configured."""
     setup_policy(model, cfg, adapter_config)
+    disable_dropout(model)  # policy and reference must see the same network; adapter dropout stays as configured
     collate = RefCollator(pad_token_id)
     if cfg.precompute_reference and cfg.loss != "simpo":  # SimPO needs no reference
         train_set = precompute_reference(model, train_set, pad_token_id, cfg)

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from align.config.trainer import LoopConfig, OptimizerConfig
 
+from .backend import build_backend
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data_stream import BatchStream
-from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
@@ -57,6 +57,7 @@ class Trainer:
     tracker: Any = None
     eval_fn: Callable[[], dict[str, float]] | None = None
     extra: ExtraState = field(default_factory=ExtraState)
+    backend: Any = None  # TorchBackend by default; DeepSpeedBackend for ZeRO
     step: int = 0
 
     def __post_init__(self) -> None:
@@ -64,8 +65,9 @@ class Trainer:
         frozen = [name for name, p in self.params.items() if not p.requires_grad]
         if frozen:
             raise ValueError(f"parameters {frozen[:3]} are frozen; unfreeze the adapter before training it")
-        self.optimizer = build_optimizer(list(self.params.values()), self.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.optim, self.cfg.max_steps)
+        if self.backend is None:  # built here, after every adapter exists (DeepSpeed needs that)
+            self.backend = build_backend(self.modules, self.params, self.optim, self.cfg)
+        self.stream.shard(self.backend.rank, self.backend.world_size)  # each rank its slice of the data
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
     # ------------------------------------------------------------------------------------------ resume
@@ -74,26 +76,27 @@ class Trainer:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return False
-        tensors, optimizer_state, state = load_checkpoint(path)
+        tensors, state = load_checkpoint(path, rank=self.backend.rank)
         missing = sorted(set(self.params) - set(tensors))
         if missing:
             raise RuntimeError(f"checkpoint {path} lacks trainable tensors {missing[:3]}: was it written by "
                                "another configuration? Delete it or use a fresh output directory")
-        with torch.no_grad():
+        with torch.no_grad(), self.backend.gathered():
             for name, param in self.params.items():
                 param.copy_(tensors[name])
-        self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.backend.load_state(path, state)
         self.stream.load_state_dict(state["stream"])
         self.extra.set(state.get("extra", {}))
         self.step = state["step"]
         return True
 
     def save(self) -> Path:
-        state = {"scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
-                 "extra": self.extra.get()}
-        return save_checkpoint(self.checkpoint_dir, self.step, self.params, self.optimizer.state_dict(), state,
-                               keep=self.cfg.keep_checkpoints)
+        state = {"stream": self.stream.state_dict(), "extra": self.extra.get()}
+        with self.backend.gathered():  # whole tensors, never ZeRO-3's empty shards
+            trainable = {name: param.detach().cpu().clone() for name, param in self.params.items()}
+        return save_checkpoint(self.checkpoint_dir, self.step, trainable, state, keep=self.cfg.keep_checkpoints,
+                               write_extra=self.backend.save_state, rank=self.backend.rank,
+                               barrier=self.backend.barrier)
 
     # ---------------------------------------------------------------------------------------- training
     def _autocast(self):
@@ -110,36 +113,32 @@ class Trainer:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the step's metrics."""
         batches = [self.stream.next() for _ in range(self.cfg.grad_accum_steps)]
         units = [self.count_fn(b) for b in batches]
-        total = sum(units)
+        total = self.backend.all_reduce_sum(sum(units))  # units of the whole step, over every rank
         if total == 0:
             raise TrainingDiverged(f"step {self.step + 1}: the micro-batches hold no trainable units (all masked)")
         sums: dict[str, float] = {}
         loss_total = 0.0
         for batch, n in zip(batches, units):
             with self._autocast():
-                loss_sum, metrics = self.loss_fn(batch)
+                loss_sum, metrics = self.backend.forward(self.loss_fn, batch)
             if not torch.isfinite(loss_sum):
                 raise TrainingDiverged(self._diverged_message("loss", loss_sum.item()))
-            (loss_sum / total).backward()
+            # each rank's gradients are averaged over ranks, so scale by world size to get the global mean
+            self.backend.backward(loss_sum * (self.backend.world_size / total))
             loss_total += loss_sum.item()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * n
-        grad_norm = self._clip()
+        grad_norm = self.backend.clip_and_norm()
         if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.backend.zero_grad()
             raise TrainingDiverged(self._diverged_message("gradient norm", grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.backend.lr  # the lr this step uses; backend.step() advances the schedule to the next one
+        self.backend.step()
         self.step += 1
-        out = {key: value / total for key, value in sums.items()}
-        out.update(loss=loss_total / total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        local = sum(units)
+        out = {key: value / local for key, value in sums.items()}  # this rank's metrics
+        out.update(loss=loss_total / local, grad_norm=grad_norm, lr=lr)
         return out
-
-    def _clip(self) -> float:
-        params = [p for p in self.params.values() if p.grad is not None]
-        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
     def _diverged_message(self, what: str, value: float) -> str:
         last = latest_checkpoint(self.checkpoint_dir)
@@ -162,13 +161,13 @@ class Trainer:
         self.resume()
         self._train_mode(True)
         last: dict[str, float] = {}
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.out_dir.name, disable=not self.cfg.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.out_dir.name,
+                   disable=not self.cfg.progress or self.backend.rank != 0, dynamic_ncols=True)
         while self.step < self.cfg.max_steps:
             last = self.train_step()
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:3]})
-            if self.tracker is not None and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps):
+            if self._tracking and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps):
                 self.tracker.log({f"train/{k}": v for k, v in last.items()}, step=self.step)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
                 self._log_eval(self.evaluate())
@@ -183,6 +182,10 @@ class Trainer:
         self._train_mode(False)
         return {**{f"train/{k}": v for k, v in last.items()}, **final}
 
+    @property
+    def _tracking(self) -> bool:
+        return self.tracker is not None and self.backend.rank == 0  # one rank reports
+
     def _log_eval(self, metrics: dict[str, float]) -> None:
-        if metrics and self.tracker is not None:
+        if metrics and self._tracking:
             self.tracker.log(metrics, step=self.step)

@@ -59,7 +59,8 @@ def pairwise_accuracy(model: AdapterModel, head: ScalarHead, dataset, collate, c
 @torch.no_grad()
 def fit_statistics(model: AdapterModel, head: ScalarHead, dataset, collate, cfg: RewardConfig) -> None:
     """Store mean/std of the rewards of up to ``cfg.stats_rows`` pairs (both responses) in the head."""
-    rows = dataset.select(range(min(len(dataset), cfg.stats_rows))) if hasattr(dataset, "select") else dataset
+    count = min(len(dataset), cfg.stats_rows)
+    rows = dataset.select(range(count)) if hasattr(dataset, "select") else dataset[:count]
     rewards = torch.cat([sequence_rewards(model, head, b, cfg.adapter).float()
                          for b in batches(rows, cfg.eval_batch_size, collate)])
     head.set_statistics(rewards)

@@ -1,0 +1,46 @@
+"""Sampling responses from a role (an adapter of the shared base) for evaluation and rollouts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from align.adapters import AdapterModel
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt ids through the chat template (user turn + generation prompt) when the tokenizer has one."""
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=True)["input_ids"]
+                for p in prompts]
+    return [tokenizer(p).input_ids for p in prompts]
+
+
+@torch.no_grad()
+def sample(model: AdapterModel, adapter: str | None, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+           temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[str]:
+    """One sampled response per prompt from ``adapter`` (None: the bare base), decoded without special tokens.
+    Sampling stops at EOS; the global RNG is left untouched."""
+    was_training = model.training
+    model.eval()
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    out: list[str] = []
+    with torch.random.fork_rng(), model.use(adapter):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start:start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):  # left padding: every prompt ends at the last column
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=temperature > 0, temperature=max(temperature, 1e-5),
+                top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+            out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return out
