@@ -1,7 +1,11 @@
 """SFT -> reward model -> DPO on the embedded task, in one process, reporting the acceptance figures.
 
 Until the Ray pipeline (`python -m align.run`) lands this is the way to run the trainers end to end:
-    python scripts/train_embedded.py [--out runs/embedded] [--sft-steps 300] [--rm-steps 300] [--dpo-steps 200]
+    python scripts/train_embedded.py [--out runs/embedded] [--sft-steps 300] [--rm-steps 1000] [--dpo-steps 400]
+
+The DPO pairs follow the DPO paper's IMDb protocol: four continuations per prompt sampled from the SFT policy, the
+best and the worst under the hidden ground-truth scorer (standing in for human labellers) become chosen and
+rejected (`--pairs offline` uses the task's generator-made preferences.jsonl instead).
 """
 
 from __future__ import annotations
@@ -32,16 +36,20 @@ from align.trainers.reward_model import (
 from align.trainers.sft import build_sft_trainer, heldout_nll
 from reward.evaluate import compare
 from reward.functions import GroundTruthReward
+from reward.pairs import sample_preference_pairs, write_jsonl
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/embedded")
     parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--rm-steps", type=int, default=300)
-    parser.add_argument("--dpo-steps", type=int, default=200)
+    parser.add_argument("--rm-steps", type=int, default=1000)
+    parser.add_argument("--dpo-steps", type=int, default=400)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--dpo-lr", type=float, default=1e-3)
+    parser.add_argument("--rpo-alpha", type=float, default=1.0)
+    parser.add_argument("--pairs", choices=("onpolicy", "offline"), default="onpolicy")
+    parser.add_argument("--pair-prompts", type=int, default=2000)
     parser.add_argument("--eval-prompts", type=int, default=300)
     args = parser.parse_args()
     out = Path(args.out)
@@ -71,12 +79,12 @@ def main() -> None:
     model.freeze("sft")
     model.save_adapter("sft", out / "sft" / "adapter")
 
-    # ---- reward model (initialised from the SFT adapter, as in InstructGPT)
+    # ---- reward model: its own adapter + a scalar head
     prefs = prepare_preferences(DataConfig(train=str(data / "preferences.jsonl"), **limits), tok)
     prefs_clean = prepare_preferences(DataConfig(train=str(data / "preferences_eval.jsonl"), **limits), tok)
-    noisy_eval = prefs.select(range(len(prefs) - 300, len(prefs)))
-    prefs_train = prefs.select(range(len(prefs) - 300))
-    model.copy_adapter("sft", "reward")
+    noisy_eval = prefs.select(range(len(prefs) - 500, len(prefs)))
+    prefs_train = prefs.select(range(len(prefs) - 500))
+    model.add_adapter("reward", LoraConfig(r=32, lora_alpha=64, target_modules="all-linear"))
     head = new_reward_head(model)
     rm_cfg = RewardConfig()
     start = time.perf_counter()
@@ -96,10 +104,17 @@ def main() -> None:
     head.save(out / "reward" / "adapter")
 
     # ---- DPO (policy = copy of SFT, reference = frozen SFT on the same base)
-    dpo_cfg = DPOConfig(beta=args.beta)
     start = time.perf_counter()
+    dpo_train = prefs_train
+    if args.pairs == "onpolicy":
+        prompts = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").open()][: args.pair_prompts]
+        rows = sample_preference_pairs(model, "sft", tok, prompts, GroundTruthReward(), k=4, seed=11)
+        path = write_jsonl(rows, out / "dpo" / "pairs.jsonl")
+        dpo_train = prepare_preferences(DataConfig(train=str(path), on_bad_rows="skip", **limits), tok)
+        results["dpo/pairs"] = len(dpo_train)
+    dpo_cfg = DPOConfig(beta=args.beta, rpo_alpha=args.rpo_alpha)
     with Tracker(out / "dpo") as tracker:
-        build_dpo_trainer(model, prefs_train, prefs_clean, tok.pad_token_id, dpo_cfg,
+        build_dpo_trainer(model, dpo_train, prefs_clean, tok.pad_token_id, dpo_cfg,
                           LoopConfig(max_steps=args.dpo_steps, micro_batch_size=16, eval_every=100),
                           OptimizerConfig(lr=args.dpo_lr, warmup_steps=10), out / "dpo", tracker).fit()
     results["dpo/seconds"] = round(time.perf_counter() - start, 1)

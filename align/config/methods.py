@@ -39,12 +39,14 @@ class RewardConfig:
 class DPOConfig:
     """DPO family. The policy adapter starts as a copy of ``reference`` (the SFT adapter) or fresh when there is
     none, in which case the reference is the bare base. ``precompute_reference``: compute the reference log-probs
-    once before training (default) instead of at every step."""
+    once before training (default) instead of at every step. ``rpo_alpha`` > 0 adds alpha times the per-token NLL
+    of the chosen response (RPO, Pang et al. 2024), which stops DPO from lowering the likelihood of both responses."""
 
     beta: float = 0.1
     loss: DPOLossName = "sigmoid"
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
     policy: str = "policy"
     reference: str | None = "sft"
     precompute_reference: bool = True
@@ -58,6 +60,8 @@ class DPOConfig:
             raise ConfigError("trainer.dpo.loss", self.loss, f"one of {get_args(DPOLossName)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("trainer.dpo.label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        if not isinstance(self.rpo_alpha, (int, float)) or self.rpo_alpha < 0:
+            raise ConfigError("trainer.dpo.rpo_alpha", self.rpo_alpha, "a number >= 0 (0 = plain DPO)")
         if self.label_smoothing and self.loss not in ("cdpo", "robust"):
             raise ConfigError("trainer.dpo.label_smoothing", self.label_smoothing,
                               "0 unless trainer.dpo.loss is 'cdpo' or 'robust'")

@@ -81,6 +81,10 @@ def dpo_loss(model: AdapterModel, batch: dict, cfg: DPOConfig) -> tuple[torch.Te
     options = {"cdpo": {"label_smoothing": cfg.label_smoothing}, "robust": {"label_smoothing": cfg.label_smoothing},
                "simpo": {"gamma": cfg.simpo_gamma}}.get(cfg.loss, {})
     losses = get_dpo_loss(cfg.loss)(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, **options)
+    chosen_tokens = batch["response_mask"][:, 1:].sum(-1).float().chunk(2)[0].clamp(min=1)
+    chosen_nll = -(policy_chosen if cfg.loss in LENGTH_NORMALISED else policy_chosen / chosen_tokens)
+    if cfg.rpo_alpha:  # RPO (Pang et al. 2024): keep the chosen responses likely while separating the pair
+        losses = losses + cfg.rpo_alpha * chosen_nll
     reward_chosen, reward_rejected = dpo_implicit_rewards(policy_chosen.detach(), policy_rejected.detach(),
                                                           ref_chosen, ref_rejected, cfg.beta)
     return losses.sum(), {
@@ -90,6 +94,7 @@ def dpo_loss(model: AdapterModel, batch: dict, cfg: DPOConfig) -> tuple[torch.Te
         "rewards/accuracy": (reward_chosen > reward_rejected).float().mean().item(),
         "logps/chosen": policy_chosen.mean().item(),
         "logps/rejected": policy_rejected.mean().item(),
+        "nll/chosen": chosen_nll.mean().item(),
         # mean log-ratio on the data: an estimate of the policy's drift from the reference on these responses
         "kl_estimate": torch.cat([policy_chosen.detach() - ref_chosen,
                                   policy_rejected.detach() - ref_rejected]).mean().item(),

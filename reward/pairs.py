@@ -1,0 +1,47 @@
+"""Preference pairs sampled from a policy and labelled by a reward function (the DPO paper's IMDb protocol:
+continuations from the SFT model, ranked by a scorer standing in for human labellers).
+
+For each prompt, ``k`` responses are sampled from the policy adapter; the best and the worst under the reward
+function become (chosen, rejected). Prompts whose samples all tie, or whose best or worst response is empty, give no
+pair. Pairs drawn from the policy's own distribution teach DPO far more than pairs from another distribution.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from align.adapters import AdapterModel
+from align.models.generate import sample
+
+from .functions import RewardFn
+
+
+def sample_preference_pairs(model: AdapterModel, adapter: str | None, tokenizer, prompts: Sequence[str],
+                            reward_fn: RewardFn, k: int = 4, max_new_tokens: int = 64, temperature: float = 1.0,
+                            seed: int = 0) -> list[dict]:
+    """Rows {prompt, chosen, rejected, chosen_score, rejected_score} (best and worst of ``k`` samples)."""
+    if k < 2:
+        raise ValueError(f"k={k}: need at least two samples per prompt to form a pair")
+    samples = [sample(model, adapter, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                      seed=seed + i) for i in range(k)]
+    scores = [reward_fn(prompts, responses).tolist() for responses in samples]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ranked = sorted(((scores[j][i], samples[j][i]) for j in range(k)), key=lambda pair: pair[0])
+        (low, worst), (high, best) = ranked[0], ranked[-1]
+        if high == low or not best.strip() or not worst.strip() or best.strip() == worst.strip():
+            continue
+        rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_score": high,
+                     "rejected_score": low})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
+    return path
