@@ -105,7 +105,7 @@ class LoraModule(AdapterModule):
         nn.init.zeros_(self.lora_B.weight)
 
     @classmethod
-    def build(cls, config: LoraConfig, base_layer: nn.Module, dtype: torch.dtype) -> LoraModule:
+    def build(cls, config: LoraConfig, base_layer: nn.Module, dtype: torch.dtype, path: str = "") -> LoraModule:
         d_in, d_out = bl.features(base_layer)
         device = _param_device(base_layer)
         return cls(config, d_in, d_out, getattr(base_layer, "bias", None), device, dtype)
@@ -157,7 +157,7 @@ class DoraModule(LoraModule):
         self._merged_norm: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, config: LoraConfig, base_layer: nn.Module, dtype: torch.dtype) -> DoraModule:
+    def build(cls, config: LoraConfig, base_layer: nn.Module, dtype: torch.dtype, path: str = "") -> DoraModule:
         module = super().build(config, base_layer, dtype)
         if module.lora_A.weight.device.type != "meta":
             with torch.no_grad():  # m starts as the column norm of W + s B A, so DoRA starts equal to LoRA
@@ -215,8 +215,8 @@ class _LoraFamily(AdapterModule):
     """Dispatches a LoraConfig to LoRA or DoRA at build time (one PEFT type, 'LORA', covers both)."""
 
     @classmethod
-    def build(cls, config: LoraConfig, base_layer: nn.Module, dtype: torch.dtype) -> AdapterModule:
-        return (DoraModule if config.use_dora else LoraModule).build(config, base_layer, dtype)
+    def build(cls, config: LoraConfig, base_layer: nn.Module, dtype: torch.dtype, path: str = "") -> AdapterModule:
+        return (DoraModule if config.use_dora else LoraModule).build(config, base_layer, dtype, path)
 
 
 register_method("LORA", LoraConfig, _LoraFamily)

@@ -2,7 +2,8 @@
 
 A saved adapter is a directory with ``adapter_config.json`` (PEFT's keys, so ``PeftModel.from_pretrained``,
 vLLM and transformers read it), ``adapter_model.safetensors`` (keys ``base_model.model.<layer path>.<suffix>``,
-adapter name stripped, as PEFT writes them) and ``align_base.json``, the fingerprint of the base it belongs to.
+adapter name stripped, as PEFT writes them; a model-level adapter's own keys, e.g. PEFT's ``prompt_embeddings``)
+and ``align_base.json``, the fingerprint of the base it belongs to.
 Only safetensors are read: pickled ``adapter_model.bin`` files are refused.
 """
 
@@ -36,13 +37,13 @@ def save_adapter(model: AdapterModel, name: str, directory: str | os.PathLike) -
     config = model.configs[name]
     fingerprint = base_fingerprint(model.model)
     peft_config: dict[str, Any] = config.to_peft_dict()
-    peft_config.update(
-        base_model_name_or_path=fingerprint["name_or_path"] or None,
-        inference_mode=True,
-        fan_in_fan_out=any(bl.is_conv1d(layer.base_layer) for layer in model.layers_of(name).values()),
-        revision=None,
-    )
-    tensors = {PREFIX + k: v.detach().contiguous().cpu().clone() for k, v in model.adapter_state_dict(name).items()}
+    peft_config.update(base_model_name_or_path=fingerprint["name_or_path"] or None, inference_mode=True,
+                       revision=None)
+    layers = model.layers_of(name)
+    if layers:
+        peft_config["fan_in_fan_out"] = any(bl.is_conv1d(layer.base_layer) for layer in layers.values())
+    prefix = "" if model.model_adapter(name) is not None else PREFIX  # PEFT writes prompt-learning keys bare
+    tensors = {prefix + k: v.detach().contiguous().cpu().clone() for k, v in model.adapter_state_dict(name).items()}
     _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
     _atomic_write(directory / FINGERPRINT_FILE, lambda p: Path(p).write_text(json.dumps(fingerprint, indent=2)))
@@ -85,7 +86,11 @@ def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str, t
     tensors = load_file(str(weights_path))
     model.add_adapter(name, config, trainable=trainable)
     try:
-        _load_tensors(model, name, tensors, weights_path)
+        model_adapter = model.model_adapter(name)
+        if model_adapter is not None:
+            model_adapter.load_peft_state_dict(tensors, where=str(weights_path))
+        else:
+            _load_tensors(model, name, tensors, weights_path)
     except Exception:
         model.delete_adapter(name)  # leave the model as it was
         raise

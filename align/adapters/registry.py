@@ -1,7 +1,7 @@
 """The adapter-method registry: a method is a config class plus a module class, registered under a PEFT type.
 
-Adding a method (IA³, prefix tuning, ...) means writing those two classes and calling ``register_method``; the
-core (``layer.py``, ``model.py``, ``peft_format.py``) never changes.
+Adding a method means writing those two classes and calling ``register_method``; the core (``layer.py``,
+``model.py``, ``peft_format.py``) never changes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from .errors import AdapterError
 @dataclass(frozen=True)
 class AdapterMethod:
     """peft_type: the name written to ``adapter_config.json``; config_cls: an ``AdapterConfig`` subclass;
-    module_cls: an ``AdapterModule`` subclass built per wrapped layer by ``module_cls.build(config, base_layer)``."""
+    module_cls: an ``AdapterModule`` subclass built per wrapped layer by ``module_cls.build(config, base_layer,
+    dtype, path)``, or a ``ModelAdapter`` subclass built once per adapter by ``module_cls.build(config, model,
+    dtype)``."""
 
     peft_type: str
     config_cls: type
