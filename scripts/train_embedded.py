@@ -1,7 +1,7 @@
 """SFT -> reward model -> DPO on the embedded task, in one process, reporting the acceptance figures.
 
 Until the Ray pipeline (`python -m align.run`) lands this is the way to run the trainers end to end:
-    python scripts/train_embedded.py [--out runs/embedded] [--sft-steps 300] [--rm-steps 1000] [--dpo-steps 400]
+    python scripts/train_embedded.py [--out runs/embedded] [--sft-steps 300] [--rm-steps 3000] [--dpo-steps 400]
 
 The DPO pairs follow the DPO paper's IMDb protocol: four continuations per prompt sampled from the SFT policy, the
 best and the worst under the hidden ground-truth scorer (standing in for human labellers) become chosen and
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/embedded")
     parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--rm-steps", type=int, default=1000)
+    parser.add_argument("--rm-steps", type=int, default=3000)
     parser.add_argument("--dpo-steps", type=int, default=400)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--dpo-lr", type=float, default=1e-3)

@@ -30,7 +30,7 @@ class EmbeddedTaskConfig:
     n_pretrain: int = 30000
     n_pretrain_eval: int = 1000
     n_sft: int = 3000
-    n_preferences: int = 10000
+    n_preferences: int = 20000
     n_preferences_eval: int = 500
     n_prompts: int = 2000
     n_eval_prompts: int = 300
