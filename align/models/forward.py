@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from align.adapters import AdaptedLayer, AdapterModel
-from align.algos import IGNORE_INDEX, chunked_token_logps
+from align.algos import IGNORE_INDEX, chunked_token_logps, entropy_from_logits
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -23,15 +23,29 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return out.last_hidden_state
 
 
-def response_token_logps(model: nn.Module, batch: dict[str, torch.Tensor],
-                         chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def response_token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 4096,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of every response token given its prefix.
 
     batch: input_ids, attention_mask, response_mask (B, T), True = a response token whose log-prob counts.
     Returns (token_logps, mask), both (B, T - 1): position t scores token t + 1; zero where mask is False.
     Logits are computed only at response positions, chunked over the vocabulary (unchunked when the active
-    adapter adapts the output head).
+    adapter adapts the output head), and divided by ``temperature`` (as sampling at that temperature does).
     """
+    token_logps, mask, _ = _response_logps(model, batch, chunk_size, temperature, with_entropy=False)
+    return token_logps, mask
+
+
+def response_logps_and_entropy(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 4096,
+                               temperature: float = 1.0,
+                               rows_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``response_token_logps`` plus the entropy of the (temperature-scaled) next-token distribution at the same
+    positions, from the same forward: (token_logps, entropy, mask), all (B, T - 1). The entropy is a detached
+    diagnostic, computed ``rows_per_chunk`` positions at a time so at most (rows_per_chunk, V) logits exist."""
+    return _response_logps(model, batch, chunk_size, temperature, with_entropy=True, rows_per_chunk=rows_per_chunk)
+
+
+def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_per_chunk=256):
     lm = causal_lm(model)
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
     mask = batch["response_mask"][:, 1:].bool()  # (B, T-1)
@@ -42,15 +56,31 @@ def response_token_logps(model: nn.Module, batch: dict[str, torch.Tensor],
     if _head_adapter_runs(model, head):
         # an adapter on the output head is not a plain weight matrix: run the head itself, on the selected
         # positions only ((N, V) logits, never (B, T, V))
-        logits = head(selected).float()  # (N, V)
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
+        logits = _head_logits(head, selected, softcap, temperature)  # (N, V)
         logps = torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)  # (N,)
     else:
         logps = chunked_token_logps(selected[None], head.weight, labels[None], chunk_size,
-                                    lm_head_bias=getattr(head, "bias", None), softcap=softcap)[0]  # (N,)
+                                    lm_head_bias=getattr(head, "bias", None), softcap=softcap,
+                                    temperature=temperature)[0]  # (N,)
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
-    return token_logps, mask
+    if not with_entropy:
+        return token_logps, mask, None
+    with torch.no_grad():
+        rows = selected.detach()
+        parts = [entropy_from_logits(_head_logits(head, rows[i:i + rows_per_chunk], softcap, temperature))
+                 for i in range(0, rows.shape[0], rows_per_chunk)]
+        entropy = torch.cat(parts) if parts else logps.new_zeros(0)  # (N,)
+        token_entropy = torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(
+            mask, entropy)
+    return token_logps, token_entropy, mask
+
+
+def _head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None, temperature: float) -> torch.Tensor:
+    """fp32 logits (N, V) of the output head, soft-capped and divided by the temperature."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
 
 
 def _head_adapter_runs(model: nn.Module, head: nn.Module) -> bool:
@@ -82,4 +112,5 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-__all__ = ["disable_dropout", "IGNORE_INDEX", "causal_lm", "hidden_states", "last_token_hidden", "response_token_logps"]
+__all__ = ["disable_dropout", "IGNORE_INDEX", "causal_lm", "hidden_states", "last_token_hidden",
+           "response_logps_and_entropy", "response_token_logps"]
