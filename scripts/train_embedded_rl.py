@@ -40,9 +40,12 @@ EVAL_ROLLOUT = RolloutConfig(max_new_tokens=64, temperature=1.0, generation_batc
 
 # The settings measured in docs/trainers.md: PPO on the learned reward model, GRPO / RLOO on the ground truth.
 PRESETS = {
-    "ppo": {"steps": 150, "prompts": 64, "group_size": 1, "epochs": 4, "minibatch": 16, "lr": 5e-4, "kl_coef": 0.2},
-    "grpo": {"steps": 100, "prompts": 16, "group_size": 4, "epochs": 4, "minibatch": 16, "lr": 5e-4, "kl_coef": 0.05},
-    "rloo": {"steps": 100, "prompts": 16, "group_size": 4, "epochs": 4, "minibatch": 16, "lr": 5e-4, "kl_coef": 0.05},
+    "ppo": {"steps": 150, "prompts": 64, "group_size": 1, "epochs": 4, "minibatch": 16, "lr": 5e-4, "kl_coef": 0.1,
+            "kl_target": 4.0},
+    "grpo": {"steps": 100, "prompts": 16, "group_size": 4, "epochs": 4, "minibatch": 16, "lr": 5e-4, "kl_coef": 0.05,
+             "kl_target": 0.0},
+    "rloo": {"steps": 100, "prompts": 16, "group_size": 4, "epochs": 4, "minibatch": 16, "lr": 5e-4, "kl_coef": 0.05,
+             "kl_target": 0.0},
 }
 
 
@@ -56,8 +59,10 @@ def rl_config(algo: str, s: dict) -> RLConfig:
     rollout = RolloutConfig(prompts_per_step=s["prompts"], group_size=s["group_size"], max_new_tokens=64,
                             unfinished_penalty=1.0)
     if algo == "ppo":  # k1 KL penalty in the per-token reward, value model started from the reward model
-        return RLConfig(algo="ppo", rollout=rollout, kl=KLConfig(coef=s["kl_coef"]), ppo_epochs=s["epochs"],
-                        minibatch_size=s["minibatch"])
+        # kl_target > 0: adaptive coefficient (Ziegler et al.), reacting over ten iterations' samples
+        kl = KLConfig(coef=s["kl_coef"], adaptive=s["kl_target"] > 0, target=s["kl_target"] or 6.0,
+                      horizon=10.0 * s["prompts"])
+        return RLConfig(algo="ppo", rollout=rollout, kl=kl, ppo_epochs=s["epochs"], minibatch_size=s["minibatch"])
     # GRPO: k3 KL in the loss, as the paper; RLOO: KL subtracted from the reward, as the paper
     kl = KLConfig(coef=s["kl_coef"], estimator="k3", in_loss=True) if algo == "grpo" else KLConfig(coef=s["kl_coef"])
     return RLConfig(algo=algo, reward_adapter=None, rollout=rollout, kl=kl, ppo_epochs=s["epochs"],
@@ -136,7 +141,7 @@ def main() -> None:
     parser.add_argument("--algos", nargs="*", default=["ppo", "grpo"], choices=sorted(BUILDERS))
     parser.add_argument("--nf4", action="store_true", help="also run PPO on a 4-bit NF4 base")
     for flag, kind in (("steps", int), ("prompts", int), ("group-size", int), ("epochs", int), ("minibatch", int),
-                       ("lr", float), ("kl-coef", float)):
+                       ("lr", float), ("kl-coef", float), ("kl-target", float)):
         parser.add_argument(f"--{flag}", type=kind, default=None, help="overrides the algorithm's preset")
     parser.add_argument("--nf4-steps", type=int, default=None, help="iterations of the NF4 run (default: preset)")
     parser.add_argument("--save-every", type=int, default=20)
