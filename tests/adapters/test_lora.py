@@ -6,25 +6,11 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from align.adapters import AdapterError, AdapterModel, LoraConfig
 from align.models import tiny_gpt2, tiny_llama
 
-
-class OneLinear(nn.Module):
-    """A single Linear: small enough to work the math out by hand."""
-
-    def __init__(self, weight, bias=None):
-        super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            self.proj.weight.copy_(weight)
-            if bias is not None:
-                self.proj.bias.copy_(bias)
-
-    def forward(self, x):
-        return self.proj(x)
+from .helpers import OneLinear
 
 
 def _set_lora(model, name, a, b, magnitude=None):
