@@ -33,7 +33,8 @@ class Tracker:
     """Append-only metrics log for one stage. ``log`` writes one JSON line per call with the step and wall time."""
 
     def __init__(self, out_dir: str | Path, name: str = "run", config: dict | None = None,
-                 wandb: WandbSetting = "off", project: str = "align") -> None:
+                 wandb: WandbSetting = "off", project: str = "align", group: str | None = None,
+                 job_type: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
@@ -45,8 +46,8 @@ class Tracker:
             import wandb as wb
 
             os.environ.setdefault("WANDB_DIR", str(self.out_dir))
-            self._run = wb.init(project=project, name=name, config=config or {}, mode=mode,
-                                dir=str(self.out_dir), reinit="finish_previous")
+            self._run = wb.init(project=project, name=name, config=config or {}, mode=mode, group=group,
+                                job_type=job_type, dir=str(self.out_dir), reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}

@@ -1,0 +1,434 @@
+"""The whole run's config (``python -m align.run``): every Hydra group as a typed, frozen dataclass.
+
+``load_run_config(mapping)`` turns the merged YAML + overrides into a ``RunConfig`` and checks the combinations
+that no single group can see (stages that need an earlier stage, DeepSpeed with the RL stages, real models with
+the embedded task's data, ...). Nothing heavy is imported: validation runs before any model, data or Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from .build import as_dict, build, convert, suggest, unknown_key
+from .errors import ConfigError
+from .methods import DPOConfig, RewardConfig, SFTConfig
+from .rl import RLConfig
+from .trainer import LoopConfig, OptimizerConfig
+
+StageName = Literal["base", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "eval"]
+TRAINING_STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+RL_STAGES = ("ppo", "grpo", "rloo")
+POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
+# role names are fixed by the pipeline (they name the adapters on disk); users configure everything else
+ROLE_FIELDS = frozenset({"adapter", "policy", "reference", "reward_adapter", "value", "algo"})
+# loop fields that come from elsewhere: the seed from run.seed, DeepSpeed from the deepspeed group
+LOOP_EXCLUDED = frozenset({"seed", "deepspeed"})
+
+
+# ------------------------------------------------------------------------------------------------ groups
+@dataclass(frozen=True)
+class PipelineSpec:
+    """``pipeline=<name>``: the ordered stages. Each later stage reads the artifacts of the earlier ones."""
+
+    name: str = "dpo"
+    stages: tuple[StageName, ...] = ("base", "sft", "dpo", "eval")
+
+
+@dataclass(frozen=True)
+class EmbeddedBaseSpec:
+    """Architecture and pretraining budget of the embedded tiny base (``model.path=null``)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    intermediate_size: int = 384
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    steps: int = 700
+    batch_size: int = 16
+    block_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 40
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``model.path``: a local transformers model directory; null builds (once, cached) the embedded task's tiny
+    base. ``target_modules``: the layers adapters wrap ('all-linear', a list of names, or a regex)."""
+
+    name: str = "embedded"
+    path: str | None = None
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    target_modules: str | list[str] = "all-linear"
+    embedded: EmbeddedBaseSpec = field(default_factory=EmbeddedBaseSpec)
+
+
+@dataclass(frozen=True)
+class EmbeddedTaskSpec:
+    """Sizes of the embedded task's generated splits (see ``align.data.synthetic``)."""
+
+    seed: int = 0
+    n_pretrain: int = 30000
+    n_pretrain_eval: int = 1000
+    n_sft: int = 3000
+    n_preferences: int = 20000
+    n_preferences_eval: int = 500
+    n_prompts: int = 2000
+    n_eval_prompts: int = 300
+    bt_temperature: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where each stage's data lives. null: the embedded task's split of that kind (only with the embedded base).
+    ``sft``: SFT rows; ``preferences``: pairs for the reward model (and DPO with ``trainer.dpo.pairs=dataset``);
+    ``preferences_eval``: held-out pairs; ``prompts``: RL / on-policy pair prompts; ``eval_prompts``: held-out
+    prompts of the final evaluation. ``sft_eval_rows``/``rm_eval_rows``: rows of the training file held out when
+    there is no separate eval file."""
+
+    name: str = "embedded"
+    sft: str | None = None
+    preferences: str | None = None
+    preferences_eval: str | None = None
+    prompts: str | None = None
+    eval_prompts: str | None = None
+    max_length: int = 128
+    max_prompt_length: int = 64
+    on_bad_rows: Literal["error", "skip"] = "error"
+    cache_dir: str | None = None
+    sft_eval_rows: int = 200
+    rm_eval_rows: int = 500
+    embedded: EmbeddedTaskSpec = field(default_factory=EmbeddedTaskSpec)
+
+
+@dataclass(frozen=True)
+class DeepSpeedSpec:
+    """``deepspeed=zero2|zero2_offload|zero3|zero3_offload|none``: the DeepSpeed JSON the SFT, RM and DPO stages
+    train through (relative paths are read from the repository's ``configs/deepspeed/``)."""
+
+    name: str = "none"
+    config: str | None = None
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """What each stage asks Ray for. ``num_cpus`` null: every CPU of the machine (torch uses that many threads).
+    ``num_workers`` > 1: the training stages run as that many Ray Train workers on the DeepSpeed back-end.
+    ``max_retries``: how often a stage whose process died is restarted (it resumes from its checkpoint)."""
+
+    num_cpus: int | None = None
+    num_gpus: float = 0.0
+    memory_gb: float | None = None
+    num_workers: int = 1
+    max_retries: int = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """``run.dir``: the run directory (default ``runs/<pipeline>``). ``stage_cache``: a directory of finished
+    stages shared between runs (sweeps use it so trials reuse the stages they share)."""
+
+    dir: str | None = None
+    name: str | None = None
+    seed: int = 0
+    stage_cache: str | None = None
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """``ray.enabled=false`` runs the stages in this process (debugging, or inside a sweep trial). ``address``:
+    an existing cluster (``RAY_ADDRESS`` works too); null starts a local Ray sized for the machine."""
+
+    enabled: bool = True
+    address: str | None = None
+    num_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    """``wandb``: auto (offline unless ``WANDB_API_KEY`` or ``WANDB_MODE=online``), off, offline or online."""
+
+    wandb: Literal["auto", "off", "offline", "online"] = "auto"
+    project: str = "align"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The final evaluation: one sample per held-out prompt from the trained policy and from its reference,
+    scored by ``reward`` ('auto': the ground-truth scorer on the embedded task, the reward model otherwise; or a
+    reward function's name)."""
+
+    prompts: int = 300
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    seed: int = 1
+    reward: str = "auto"
+
+
+# ------------------------------------------------------------------------------------------------ stages
+@dataclass(frozen=True)
+class SFTExtras:
+    pass
+
+
+@dataclass(frozen=True)
+class RMExtras:
+    """``init``: the reward adapter starts 'fresh' or as a copy of the 'sft' adapter (InstructGPT)."""
+
+    init: Literal["fresh", "sft"] = "fresh"
+
+
+@dataclass(frozen=True)
+class DPOExtras:
+    """``pairs``: 'onpolicy' samples ``pair_samples`` responses per prompt from the SFT policy and keeps the best
+    and worst under ``pair_reward`` (a reward function) as chosen/rejected (the DPO paper's protocol);
+    'dataset' trains on ``data.preferences``."""
+
+    pairs: Literal["onpolicy", "dataset"] = "onpolicy"
+    pair_prompts: int = 2000
+    pair_samples: int = 4
+    pair_reward: str = "ground_truth"
+    pair_max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class RLExtras:
+    """``reward``: 'model' (the rm stage's adapter + head) or a reward function's name ('ground_truth')."""
+
+    reward: str = "model"
+
+
+METHOD_CLASSES: dict[str, tuple[type, type]] = {
+    "sft": (SFTConfig, SFTExtras), "rm": (RewardConfig, RMExtras), "dpo": (DPOConfig, DPOExtras),
+    "ppo": (RLConfig, RLExtras), "grpo": (RLConfig, RLExtras), "rloo": (RLConfig, RLExtras),
+}
+
+
+@dataclass(frozen=True)
+class StageTrainer:
+    """One stage's trainer settings, written flat under ``trainer.<stage>``: the loop's keys (``max_steps``,
+    ``micro_batch_size``, ...), ``optimizer.*``, the method's keys (``beta``, ``kl.coef``, ...), the stage's own
+    keys (``pairs``, ``reward``, ...) and ``adapter.*`` (overrides of the ``adapter`` group for this stage)."""
+
+    loop: LoopConfig
+    optimizer: OptimizerConfig
+    method: Any
+    extras: Any
+    adapter: dict
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def stage_keys(stage: str) -> set[str]:
+    method, extras = METHOD_CLASSES[stage]
+    return ((_fields(LoopConfig) - LOOP_EXCLUDED) | (_fields(method) - ROLE_FIELDS) | _fields(extras)
+            | {"optimizer", "adapter"})
+
+
+def build_stage(stage: str, mapping: Any, seed: int, deepspeed: str | None) -> StageTrainer:
+    key = f"trainer.{stage}"
+    mapping = dict(mapping or {})
+    valid = stage_keys(stage)
+    for name in mapping:
+        if name not in valid:
+            raise unknown_key(f"{key}.{name}", valid)
+    method_cls, extras_cls = METHOD_CLASSES[stage]
+    loop_keys, method_keys = _fields(LoopConfig) - LOOP_EXCLUDED, _fields(method_cls) - ROLE_FIELDS
+    loop = build(LoopConfig, {**{k: v for k, v in mapping.items() if k in loop_keys}, "seed": seed,
+                              "deepspeed": deepspeed if stage in ("sft", "rm", "dpo") else None}, key)
+    optimizer = build(OptimizerConfig, mapping.get("optimizer"), f"{key}.optimizer")
+    method_args = {k: v for k, v in mapping.items() if k in method_keys}
+    extras = build(extras_cls, {k: v for k, v in mapping.items() if k in _fields(extras_cls)}, key)
+    if stage in RL_STAGES:
+        method_args["algo"] = stage
+        if extras.reward != "model":
+            method_args["reward_adapter"] = None
+            method_args.setdefault("value_init", "fresh")
+    method = build(method_cls, method_args, key)
+    adapter = convert(dict, mapping.get("adapter") or {}, f"{key}.adapter")
+    return StageTrainer(loop=loop, optimizer=optimizer, method=method, extras=extras, adapter=adapter)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass(frozen=True)
+class RunConfig:
+    pipeline: PipelineSpec
+    model: ModelSpec
+    data: DataSpec
+    adapter: dict
+    trainer: dict[str, StageTrainer]
+    deepspeed: DeepSpeedSpec
+    resources: ResourcesSpec
+    run: RunSpec
+    ray: RaySpec
+    tracking: TrackingSpec
+    eval: EvalSpec
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        return self.model.path is None
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir or os.path.join("runs", self.pipeline.name)
+
+    def stage(self, name: str) -> StageTrainer:
+        return self.trainer[name]
+
+    def adapter_settings(self, stage: str) -> dict:
+        """The adapter group merged with ``trainer.<stage>.adapter`` overrides, targets filled from the model."""
+        own = self.trainer[stage].adapter if stage in self.trainer else {}
+        settings = dict(own) if "method" in own else {**self.adapter, **own}  # a method: a whole spec
+        if settings.get("target_modules") is None and "target_modules" in settings:
+            settings["target_modules"] = self.model.target_modules
+        return settings
+
+
+TOP_LEVEL = ("pipeline", "model", "data", "adapter", "trainer", "deepspeed", "resources", "run", "ray", "tracking",
+             "eval")
+SPEC_CLASSES = {"pipeline": PipelineSpec, "model": ModelSpec, "data": DataSpec, "deepspeed": DeepSpeedSpec,
+                "resources": ResourcesSpec, "run": RunSpec, "ray": RaySpec, "tracking": TrackingSpec,
+                "eval": EvalSpec}
+
+
+def load_run_config(mapping: dict) -> RunConfig:
+    """Typed, validated config from the merged mapping. Raises ``ConfigError`` naming the dotted key."""
+    for name in mapping:
+        if name not in TOP_LEVEL:
+            raise unknown_key(str(name), TOP_LEVEL)
+    specs = {name: build(cls, mapping.get(name), name) for name, cls in SPEC_CLASSES.items()}
+    seed = specs["run"].seed
+    trainer_map = mapping.get("trainer") or {}
+    if not isinstance(trainer_map, dict):
+        raise ConfigError("trainer", trainer_map, "a mapping of stage -> trainer settings")
+    for name in trainer_map:
+        if name not in METHOD_CLASSES:
+            raise unknown_key(f"trainer.{name}", METHOD_CLASSES)
+    ds = specs["deepspeed"].config
+    trainer = {name: build_stage(name, trainer_map.get(name), seed, ds) for name in METHOD_CLASSES}
+    adapter = convert(dict, mapping.get("adapter") or {}, "adapter")
+    cfg = RunConfig(adapter=adapter, trainer=trainer, raw=mapping, **specs)
+    validate(cfg)
+    return cfg
+
+
+def adapter_config(settings: dict, key: str = "adapter"):
+    """The engine's config object for an adapter group mapping (``method`` + the method's fields)."""
+    from align.adapters.registry import METHODS
+
+    settings = dict(settings)
+    method = str(settings.pop("method", "lora"))
+    names = {m.lower(): m for m in METHODS}
+    names.setdefault("bottleneck", "ALIGN_BOTTLENECK")
+    if method.lower() not in names:
+        raise ConfigError(f"{key}.method", method, f"one of {sorted(names)}{suggest(method.lower(), names)}")
+    cls = METHODS[names[method.lower()]].config_cls
+    if method.lower() in ("dora", "rslora"):
+        cls = METHODS["LORA"].config_cls
+        settings.setdefault("use_dora" if method.lower() == "dora" else "use_rslora", True)
+    settings = {k: v for k, v in settings.items() if v is not None or k != "target_modules"}
+    return build(cls, settings, key)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Combinations no single group can check."""
+    stages = cfg.pipeline.stages
+    if not stages or stages[0] != "base":
+        raise ConfigError("pipeline.stages", list(stages), "a list starting with 'base' (it provides the model)")
+    if len(set(stages)) != len(stages):
+        raise ConfigError("pipeline.stages", list(stages), "each stage at most once")
+    needs = {"rm": ("sft",), "dpo": (), "ppo": (), "grpo": (), "rloo": (), "sft": (), "eval": ()}
+    for i, stage in enumerate(stages[1:], 1):
+        missing = [n for n in needs.get(stage, ()) if n not in stages[:i]]
+        if stage == "rm" and cfg.trainer["rm"].extras.init != "sft":
+            missing = []
+        if stage in RL_STAGES and cfg.trainer[stage].extras.reward == "model" and "rm" not in stages[:i]:
+            missing = ["rm"]
+        if missing:
+            raise ConfigError("pipeline.stages", list(stages), f"the stage {stage!r} after {missing} (it reads "
+                              f"their artifacts){' or trainer.' + stage + '.reward=ground_truth' if missing == ['rm'] else ''}")
+    if "eval" in stages and stages[-1] != "eval":
+        raise ConfigError("pipeline.stages", list(stages), "'eval' as the last stage")
+    policy = [s for s in stages if s in POLICY_STAGES]
+    if len(policy) > 1:
+        raise ConfigError("pipeline.stages", list(stages), f"at most one of {POLICY_STAGES} (got {policy})")
+    adapter_config(cfg.adapter_settings("sft"), "adapter")
+    for stage in TRAINING_STAGES:
+        if cfg.trainer[stage].adapter:
+            adapter_config(cfg.adapter_settings(stage), f"trainer.{stage}.adapter")
+    if not cfg.embedded:
+        if cfg.model.path and not os.path.isabs(cfg.model.path) and not os.path.exists(cfg.model.path):
+            pass  # a hub name: loading says if it cannot be reached
+        needed = {"sft": "sft", "rm": "preferences", "ppo": "prompts", "grpo": "prompts", "rloo": "prompts"}
+        if "dpo" in stages:
+            needed["dpo"] = "prompts" if cfg.trainer["dpo"].extras.pairs == "onpolicy" else "preferences"
+        for stage, key in needed.items():
+            if stage in stages and getattr(cfg.data, key) is None:
+                raise ConfigError(f"data.{key}", None, f"a local file for the {stage!r} stage: the embedded task's "
+                                  "data only fits the embedded base (model.path=null)")
+        if "eval" in stages and cfg.data.eval_prompts is None:
+            raise ConfigError("data.eval_prompts", None, "a prompts file for the 'eval' stage, or remove 'eval' "
+                              "from pipeline.stages")
+        uses_gt = [s for s in RL_STAGES if s in stages and cfg.trainer[s].extras.reward == "ground_truth"]
+        if "dpo" in stages and cfg.trainer["dpo"].extras.pairs == "onpolicy" and \
+                cfg.trainer["dpo"].extras.pair_reward == "ground_truth":
+            uses_gt.append("dpo")
+        if uses_gt:
+            raise ConfigError(f"trainer.{uses_gt[0]}.{'pair_reward' if uses_gt[0] == 'dpo' else 'reward'}",
+                              "ground_truth", "a reward for real data: the ground-truth scorer only knows the "
+                              "embedded task ('model' for the reward model, or trainer.dpo.pairs=dataset)")
+    if cfg.resources.num_workers > 1 and cfg.deepspeed.config is None:
+        raise ConfigError("resources.num_workers", cfg.resources.num_workers,
+                          "1 unless a DeepSpeed config is chosen (deepspeed=zero2|zero3|...): several workers "
+                          "train through the DeepSpeed back-end")
+    if cfg.deepspeed.config is not None:
+        rl = [s for s in stages if s in RL_STAGES]
+        if rl and cfg.resources.num_workers > 1:
+            raise ConfigError("deepspeed", cfg.deepspeed.name, f"none for the {rl[0]!r} stage: the RL trainers run "
+                              "in one process (use pipeline=dpo for DeepSpeed, or resources.num_workers=1)")
+        if cfg.model.quantization != "none":
+            raise ConfigError("model.quantization", cfg.model.quantization,
+                              "'none' with DeepSpeed (ZeRO does not shard bitsandbytes layers); or deepspeed=none")
+    for stage in RL_STAGES:
+        if stage in stages and cfg.trainer[stage].loop.precision != "fp32":
+            raise ConfigError(f"trainer.{stage}.precision", cfg.trainer[stage].loop.precision,
+                              "'fp32' for the RL stages (bf16 is not wired into the RL loop yet)")
+    if cfg.resources.max_retries < 0:
+        raise ConfigError("resources.max_retries", cfg.resources.max_retries, "an integer >= 0")
+    if cfg.resources.num_workers < 1:
+        raise ConfigError("resources.num_workers", cfg.resources.num_workers, "an integer >= 1")
+
+
+def stage_config(cfg: RunConfig, stage: str) -> dict:
+    """The part of the config a stage's result depends on (hashed into its identity in the manifest)."""
+    data = as_dict(cfg.data)
+    base = {"model": {k: v for k, v in as_dict(cfg.model).items() if k != "name"},
+            "data.embedded": data["embedded"]}
+    if stage == "base":
+        return base
+    limits = {k: data[k] for k in ("max_length", "max_prompt_length", "on_bad_rows")}
+    out: dict = {"seed": cfg.run.seed, "limits": limits}
+    if stage in cfg.trainer:
+        out["trainer"] = {k: v for k, v in as_dict(cfg.trainer[stage]).items()}
+        out["trainer"]["loop"].pop("progress", None)
+        out["adapter"] = cfg.adapter_settings(stage)
+        out["deepspeed"] = cfg.deepspeed.config
+    files = {"sft": ("sft",), "rm": ("preferences", "preferences_eval", "rm_eval_rows"),
+             "dpo": ("preferences", "preferences_eval", "prompts"), "ppo": ("prompts",), "grpo": ("prompts",),
+             "rloo": ("prompts",), "eval": ("eval_prompts",)}
+    out["data"] = {k: data[k] for k in files.get(stage, ())}
+    if stage == "sft":
+        out["data"]["sft_eval_rows"] = data["sft_eval_rows"]
+    if stage == "eval":
+        out["eval"] = as_dict(cfg.eval)
+    return out
+
+
+def choices_of(literal) -> tuple:
+    return get_args(literal)

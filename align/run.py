@@ -1,0 +1,105 @@
+"""``python -m align.run [--cfg job] [group=option ...] [key=value ...]``: run a pipeline.
+
+With no argument it runs ``pipeline=dpo`` (base -> sft -> dpo -> eval) on the embedded task on CPU, in
+``runs/dpo``. Rerunning the same command skips finished stages and resumes a broken one. Examples::
+
+    python -m align.run pipeline=ppo
+    python -m align.run trainer.dpo.beta=0.2 run.dir=runs/beta02
+    python -m align.run model=llama model.path=/models/Llama-3-8B data=files data.sft=... data.preferences=...
+    python -m align.run --cfg job            # the resolved config and the batch arithmetic, then exit
+"""
+
+from __future__ import annotations
+
+import sys
+
+from align.config.errors import ConfigError
+
+USAGE = __doc__
+
+
+def describe_batches(cfg) -> list[str]:
+    """Per training stage: rows per optimizer step and how they are made (workers x micro-batches x rows), and for
+    RL the prompts, samples per prompt, minibatches and optimizer steps per iteration."""
+    workers = cfg.resources.num_workers if cfg.deepspeed.config else 1
+    lines = []
+    for stage in cfg.pipeline.stages:
+        if stage not in cfg.trainer:
+            continue
+        st = cfg.trainer[stage]
+        loop = st.loop
+        if stage in ("ppo", "grpo", "rloo"):
+            m = st.method
+            samples = m.samples_per_step
+            minibatches = -(-samples // m.minibatch_size)
+            lines.append(f"{stage}: {loop.max_steps} iterations x {m.rollout.prompts_per_step} prompts x "
+                         f"{m.rollout.group_size} samples per prompt = {samples} samples per iteration; "
+                         f"{m.ppo_epochs} epochs x {minibatches} minibatches of {m.minibatch_size} = "
+                         f"{m.ppo_epochs * minibatches} optimizer steps per iteration")
+            continue
+        unit = {"sft": "rows", "rm": "pairs", "dpo": "pairs"}[stage]
+        per_step = workers * loop.micro_batch_size * loop.grad_accum_steps
+        lines.append(f"{stage}: {loop.max_steps} steps x {per_step} {unit} per step ({workers} worker(s) x "
+                     f"{loop.grad_accum_steps} micro-batch(es) x {loop.micro_batch_size} {unit}) = "
+                     f"{loop.max_steps * per_step} {unit}")
+    return lines
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], str | None]:
+    overrides, show = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        if arg in ("--cfg", "-c"):  # --cfg job (Hydra's spelling); the value is optional
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            show = "job"
+            if nxt in ("job", "all"):
+                show, i = nxt, i + 1
+            i += 1
+            continue
+        if arg.startswith("--cfg="):
+            show = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError("argument", arg, "key=value overrides, group=option, --cfg job or --help")
+        elif "=" not in arg and not arg.startswith("~"):
+            raise ConfigError("argument", arg, "key=value (e.g. pipeline=ppo or trainer.dpo.beta=0.2)")
+        else:
+            overrides.append(arg)
+        i += 1
+    return overrides, show
+
+
+def main(argv: list[str] | None = None) -> int:
+    from align.config.compose import compose_run_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides, show = parse_args(argv)
+        cfg = compose_run_config(overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if show is not None:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.create(cfg.raw)), end="")
+        print("# derived batch arithmetic")
+        for line in describe_batches(cfg):
+            print(f"#   {line}")
+        print(f"# run directory: {cfg.run_dir}")
+        return 0
+    from pipelines.runner import StageFailed, run_pipeline
+
+    try:
+        run_pipeline(cfg)
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

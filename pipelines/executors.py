@@ -1,0 +1,86 @@
+"""Where a stage runs: a Ray task with the stage's declared resources (the default), or this process.
+
+The Ray executor connects to ``ray.address`` / ``RAY_ADDRESS`` when given (a cluster, or the cluster a
+``ray job submit`` entrypoint runs on) and otherwise starts a local Ray sized for the machine, with its own temp
+dir, bound to 127.0.0.1. A stage whose worker process dies is retried ``resources.max_retries`` times by Ray; the
+retry resumes from the stage's checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from align.config.run import RunConfig
+
+from .stages import execute_stage
+
+
+class Executor(Protocol):
+    def run(self, stage: str, cfg: RunConfig, run_dir: Path) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class InlineExecutor:
+    """Stages run in this process, one after another (``ray.enabled=false``; sweep trials)."""
+
+    def run(self, stage: str, cfg: RunConfig, run_dir: Path) -> dict:
+        return execute_stage(stage, cfg, str(run_dir), cfg.resources.num_cpus)
+
+    def close(self) -> None:
+        pass
+
+
+def _ray_temp_dir(run_dir: Path) -> str:
+    # short: Ray's socket paths must stay under the 107-character limit of AF_UNIX
+    tag = hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]
+    return os.path.join(tempfile.gettempdir(), f"align-ray-{tag}")
+
+
+class RayExecutor:
+    def __init__(self, cfg: RunConfig) -> None:
+        import ray
+
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                         _temp_dir=_ray_temp_dir(Path(cfg.run_dir).resolve()), _node_ip_address="127.0.0.1",
+                         log_to_driver=True, configure_logging=False)
+            self.started = True
+        self.remote = ray.remote(execute_stage)
+
+    def _cpus(self, cfg: RunConfig) -> int:
+        if cfg.resources.num_cpus:
+            return cfg.resources.num_cpus
+        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        return int(max((n["Resources"].get("CPU", 1) for n in nodes), default=1))
+
+    def run(self, stage: str, cfg: RunConfig, run_dir: Path) -> dict:
+        cpus = self._cpus(cfg)
+        options = {"num_cpus": cpus, "num_gpus": cfg.resources.num_gpus, "max_retries": cfg.resources.max_retries,
+                   "retry_exceptions": False, "name": f"align:{stage}"}
+        if cfg.resources.memory_gb:
+            options["memory"] = int(cfg.resources.memory_gb * 2**30)
+        if cfg.resources.num_workers > 1 and stage in ("sft", "rm", "dpo"):
+            from .train_workers import run_with_workers
+
+            return run_with_workers(stage, cfg, run_dir, cpus)
+        ref = self.remote.options(**options).remote(stage, cfg, str(run_dir), cpus)
+        return self.ray.get(ref)
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_executor(cfg: RunConfig) -> Executor:
+    return RayExecutor(cfg) if cfg.ray.enabled else InlineExecutor()

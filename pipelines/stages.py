@@ -1,0 +1,324 @@
+"""The stages a pipeline is made of. Each is a function ``StageContext -> StageResult`` that reads the artifacts of
+earlier stages, trains (resuming from its own checkpoints when a previous attempt left some) and writes its
+artifacts atomically. They run inside a Ray task, a Ray Train worker group, or this process.
+
+    base  builds (once, cached) or locates the frozen base        -> model_dir, data_dir
+    sft   the 'sft' adapter on the base                            -> sft/adapter
+    rm    the 'reward' adapter + score head                        -> rm/adapter (+ head)
+    dpo   the 'policy' adapter, reference = frozen 'sft'           -> dpo/adapter (+ pairs.jsonl)
+    ppo / grpo / rloo  the 'policy' (+ 'value') adapters           -> <stage>/adapter (+ value/)
+    eval  samples from the policy and its reference, scored        -> eval/result.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from align.config import DataConfig
+from align.config.build import as_dict
+
+from .context import StageContext, StageResult
+from .manifest import hash_path
+
+
+def _data(ctx: StageContext, train: str, **extra) -> DataConfig:
+    d = ctx.cfg.data
+    settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "on_bad_rows": d.on_bad_rows,
+                "cache_dir": d.cache_dir, **extra}
+    return DataConfig(train=train, **settings)
+
+
+def _inputs(*paths: str) -> dict[str, str]:
+    return {p: hash_path(p) for p in paths if p and Path(p).exists()}
+
+
+def _split_tail(rows, n: int):
+    """(head, tail): the last ``n`` rows held out (at most half of the rows)."""
+    n = min(n, len(rows) // 2)
+    return rows.select(range(len(rows) - n)), rows.select(range(len(rows) - n, len(rows)))
+
+
+def _prompt_texts(path: str, key: str, limit: int | None = None) -> list[str]:
+    from align.data import load_source
+
+    rows = load_source(path, key=key)
+    if "prompt" not in rows.column_names:
+        raise ValueError(f"{key}={path}: expected a 'prompt' field in every row (columns: {rows.column_names})")
+    texts = rows["prompt"]
+    return list(texts[:limit] if limit else texts)
+
+
+# ------------------------------------------------------------------------------------------------ base
+def run_base(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    if cfg.embedded:
+        from align.data.synthetic import EmbeddedTaskConfig
+        from align.models.embedded import EmbeddedBaseConfig, build_embedded_base
+
+        info = build_embedded_base(EmbeddedTaskConfig(**as_dict(cfg.data.embedded)),
+                                   EmbeddedBaseConfig(**as_dict(cfg.model.embedded)))
+        metrics = {k: v for k, v in info.report.items() if isinstance(v, (int, float))}
+        model_dir, data_dir = info.model_dir, info.data_dir
+    else:
+        model_dir, data_dir = Path(cfg.model.path), None
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={cfg.model.path}: no config.json there; point it at a local "
+                                    "transformers model directory (align never downloads)")
+        metrics = {}
+    fingerprint = json.loads((model_dir / "config.json").read_text())
+    return StageResult(metrics=metrics,
+                       artifacts={"model_dir": str(Path(model_dir).resolve()),
+                                  "data_dir": str(Path(data_dir).resolve()) if data_dir else None},
+                       inputs={"model/config.json": hash_path(model_dir / "config.json"),
+                               "architecture": str(fingerprint.get("architectures"))})
+
+
+# ------------------------------------------------------------------------------------------------ sft
+def run_sft(ctx: StageContext) -> StageResult:
+    from align.data import SFTCollator, prepare_sft
+    from align.trainers.sft import build_sft_trainer, heldout_nll
+
+    st = ctx.cfg.trainer["sft"]
+    model, tok = ctx.load_model()
+    path = ctx.data_path("sft", "sft.jsonl")
+    rows = prepare_sft(_data(ctx, path), tok)
+    train, held = _split_tail(rows, ctx.cfg.data.sft_eval_rows)
+    model.add_adapter("sft", ctx.adapter_config())
+    collate = SFTCollator(tok.pad_token_id)
+    before = heldout_nll(model, held, collate, st.method, None)
+    with ctx.tracker() as tracker:
+        last = build_sft_trainer(model, train, held, tok.pad_token_id, st.method, ctx.loop(), st.optimizer, ctx.dir,
+                                 tracker).fit()
+    model.eval()
+    after = heldout_nll(model, held, collate, st.method, "sft")
+    metrics = {"eval/nll_base": before, "eval/nll": after, "train/loss": last.get("train/loss"),
+               "train_rows": len(train)}
+    return StageResult(metrics, {"adapter": ctx.save_adapter_atomic(model, "sft")}, _inputs(path))
+
+
+# ------------------------------------------------------------------------------------------------ rm
+def run_rm(ctx: StageContext) -> StageResult:
+    from align.data import PreferenceCollator, prepare_preferences
+    from align.trainers.reward_model import build_reward_trainer, fit_statistics, new_reward_head, pairwise_accuracy
+
+    st = ctx.cfg.trainer["rm"]
+    init_sft = st.extras.init == "sft"
+    model, tok = ctx.load_model(("sft",) if init_sft else ())
+    path = ctx.data_path("preferences", "preferences.jsonl")
+    prefs = prepare_preferences(_data(ctx, path), tok)
+    train, noisy_held = _split_tail(prefs, ctx.cfg.data.rm_eval_rows)
+    clean_path = ctx.cfg.data.preferences_eval or (None if not ctx.cfg.embedded else
+                                                    ctx.data_path("preferences_eval", "preferences_eval.jsonl"))
+    held = prepare_preferences(_data(ctx, clean_path), tok) if clean_path else noisy_held
+    if init_sft:
+        model.copy_adapter("sft", "reward")
+    else:
+        model.add_adapter("reward", ctx.adapter_config("rm"))
+    head = new_reward_head(model)
+    with ctx.tracker() as tracker:
+        last = build_reward_trainer(model, head, train, held, tok.pad_token_id, st.method, ctx.loop(), st.optimizer,
+                                    ctx.dir, tracker).fit()
+    model.eval()
+    collate = PreferenceCollator(tok.pad_token_id)
+    metrics = {f"eval/{k}": v for k, v in pairwise_accuracy(model, head, held, collate, st.method).items()}
+    if clean_path:
+        noisy = pairwise_accuracy(model, head, noisy_held, collate, st.method)
+        metrics.update({"eval/accuracy_train_split_heldout": noisy["accuracy"]})
+    fit_statistics(model, head, train, collate, st.method)
+    metrics.update({"reward_mean": float(head.mean), "reward_std": float(head.std),
+                    "train/loss": last.get("train/loss"), "train_pairs": len(train)})
+    artifact = ctx.save_adapter_atomic(model, "reward", head=head)
+    return StageResult(metrics, {"adapter": artifact}, _inputs(path, clean_path))
+
+
+# ------------------------------------------------------------------------------------------------ dpo
+def run_dpo(ctx: StageContext) -> StageResult:
+    from align.data import prepare_preferences
+    from align.trainers.dpo import build_dpo_trainer
+    from reward.functions import get_reward_function
+    from reward.pairs import sample_preference_pairs, write_jsonl
+
+    st = ctx.cfg.trainer["dpo"]
+    has_sft = ctx.upstream("sft")
+    model, tok = ctx.load_model(("sft",) if has_sft else ())
+    method = st.method if has_sft else _replace(st.method, reference=None)
+    metrics: dict = {}
+    if st.extras.pairs == "onpolicy":
+        pairs_file = ctx.dir / "pairs.jsonl"
+        source = ctx.data_path("prompts", "prompts.jsonl")
+        if not pairs_file.is_file():  # sampled once; a resumed stage trains on the same pairs
+            start = time.perf_counter()
+            prompts = _prompt_texts(source, "data.prompts", st.extras.pair_prompts)
+            rows = sample_preference_pairs(model, "sft" if has_sft else None, tok, prompts,
+                                           get_reward_function(st.extras.pair_reward), k=st.extras.pair_samples,
+                                           max_new_tokens=st.extras.pair_max_new_tokens, seed=ctx.cfg.run.seed + 11)
+            write_jsonl(rows, pairs_file)
+            metrics["pairs_seconds"] = round(time.perf_counter() - start, 1)
+        train_path = str(pairs_file)
+        # sampled text that the tokenizer cannot round-trip is dropped (and counted), never fatal
+        train = prepare_preferences(_data(ctx, train_path, on_bad_rows="skip"), tok)
+        inputs = _inputs(source)
+    else:
+        train_path = ctx.data_path("preferences", "preferences.jsonl")
+        train = prepare_preferences(_data(ctx, train_path), tok)
+        inputs = _inputs(train_path)
+    eval_path = ctx.cfg.data.preferences_eval or (ctx.data_path("preferences_eval", "preferences_eval.jsonl")
+                                                  if ctx.cfg.embedded else None)
+    held = prepare_preferences(_data(ctx, eval_path), tok) if eval_path else None
+    metrics["train_pairs"] = len(train)
+    with ctx.tracker() as tracker:
+        last = build_dpo_trainer(model, train, held, tok.pad_token_id, method, ctx.loop(), st.optimizer, ctx.dir,
+                                 tracker, adapter_config=ctx.adapter_config()).fit()
+    metrics.update({k: v for k, v in last.items() if k.startswith("eval/") or k == "train/loss"})
+    artifacts = {"adapter": ctx.save_adapter_atomic(model, "policy")}
+    if st.extras.pairs == "onpolicy":
+        artifacts["pairs"] = ctx.rel(ctx.dir / "pairs.jsonl")
+    return StageResult(metrics, artifacts, {**inputs, **_inputs(eval_path)})
+
+
+def _replace(obj, **changes):
+    from dataclasses import replace
+
+    return replace(obj, **changes)
+
+
+# ------------------------------------------------------------------------------------------------ rl
+def run_rl(ctx: StageContext) -> StageResult:
+    from align.data import prepare_prompts
+    from align.models.heads import ScalarHead
+    from align.trainers.grpo import build_grpo_trainer
+    from align.trainers.ppo import build_ppo_trainer
+    from align.trainers.rloo import build_rloo_trainer
+    from reward.functions import get_reward_function
+
+    stage = ctx.stage
+    st = ctx.cfg.trainer[stage]
+    has_sft = ctx.upstream("sft")
+    uses_model = st.extras.reward == "model"
+    model, tok = ctx.load_model(tuple(s for s in ("sft", "rm") if ctx.upstream(s) and (s == "sft" or uses_model)))
+    method = st.method if has_sft else _replace(st.method, reference=None)
+    reward = ({"reward_head": ScalarHead.load(ctx.manifest.artifact("rm", "adapter"))} if uses_model
+              else {"reward_fn": get_reward_function(st.extras.reward)})
+    path = ctx.data_path("prompts", "prompts.jsonl")
+    prompts = prepare_prompts(_data(ctx, path, lint_samples=0), tok)
+    builder = {"ppo": build_ppo_trainer, "grpo": build_grpo_trainer, "rloo": build_rloo_trainer}[stage]
+    with ctx.tracker() as tracker:
+        trainer = builder(model, prompts, tok, method, ctx.loop(), st.optimizer, ctx.dir, tracker=tracker,
+                          adapter_config=ctx.adapter_config(), **reward)
+        last = trainer.fit()
+    artifacts = {"adapter": ctx.save_adapter_atomic(model, "policy")}
+    if method.uses_value:
+        artifacts["value"] = ctx.save_adapter_atomic(model, method.value, head=trainer.value_head, subdir="value")
+    keys = ("reward/score_mean", "kl", "kl_coef", "entropy", "response_length")
+    return StageResult({k: last[k] for k in keys if k in last}, artifacts, _inputs(path))
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def policy_stage(stages: tuple[str, ...]) -> str:
+    for name in ("dpo", "ppo", "grpo", "rloo", "sft"):
+        if name in stages:
+            return name
+    raise ValueError(f"pipeline.stages={list(stages)}: 'eval' needs a stage that trains a policy")
+
+
+def run_eval(ctx: StageContext) -> StageResult:
+    import torch
+
+    from align.models.forward import response_token_logps
+    from align.models.generate import encode_prompts
+    from align.trainers.reward_model import sequence_rewards
+    from align.trainers.rollout import generate_rollout
+    from reward.evaluate import compare
+    from reward.functions import get_reward_function
+
+    cfg, ev = ctx.cfg, ctx.cfg.eval
+    stages = cfg.pipeline.stages
+    policy = policy_stage(stages[: stages.index("eval")])
+    reference = "sft" if policy != "sft" and "sft" in stages else None
+    reward_name = ev.reward if ev.reward != "auto" else ("ground_truth" if cfg.embedded else "model")
+    if reward_name == "model" and "rm" not in stages:
+        raise ValueError("eval.reward=model needs the 'rm' stage in the pipeline; or set eval.reward to a reward "
+                         "function's name")
+    loaded = [s for s in ("sft", "rm") if s in stages and (s == "sft" or reward_name == "model")]
+    model, tok = ctx.load_model(tuple(loaded))
+    if policy != "sft":
+        model.load_adapter(ctx.manifest.artifact(policy, "adapter"), "eval_policy")
+    policy_adapter = "eval_policy" if policy != "sft" else "sft"
+    path = ctx.data_path("eval_prompts", "eval_prompts.jsonl")
+    prompts = _prompt_texts(path, "data.eval_prompts", ev.prompts)
+    prompt_ids = encode_prompts(tok, prompts)
+    from align.config.rl import RolloutConfig
+
+    rollout_cfg = RolloutConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+                                generation_batch_size=64)
+    head = None
+    if reward_name == "model":
+        from align.models.heads import ScalarHead
+
+        head = ScalarHead.load(ctx.manifest.artifact("rm", "adapter"))
+    model.eval()
+    results = {}
+    with torch.no_grad():
+        for name, adapter in (("policy", policy_adapter), ("reference", reference)):
+            torch.manual_seed(ev.seed)
+            rollout = generate_rollout(model, adapter, prompt_ids, rollout_cfg, tok.eos_token_id, tok.pad_token_id)
+            rollout.decode(tok)
+            batch = rollout.batch()
+            if head is not None:
+                scores = torch.cat([sequence_rewards(model, head, rollout.batch(slice(i, i + 64)), "reward")
+                                    for i in range(0, len(rollout), 64)]).float()
+            else:
+                scores = get_reward_function(reward_name)(rollout.prompts, rollout.responses)
+            with model.use(adapter):
+                logps, mask = response_token_logps(model, batch)
+            with model.use(reference):
+                ref_logps, _ = response_token_logps(model, batch)
+            results[name] = {"scores": scores, "responses": rollout.responses,
+                             "kl": ((logps - ref_logps) * mask).sum(1).mean().item(),
+                             "length": rollout.response_lengths.float().mean().item()}
+    p, r = results["policy"], results["reference"]
+    comparison = compare(p["scores"], r["scores"])
+    result = {
+        "policy": policy, "reference": reference or "base", "reward": reward_name, "prompts": len(prompts),
+        "policy_score_mean": comparison.mean_a, "reference_score_mean": comparison.mean_b,
+        "policy_score_std": p["scores"].std().item(), "reference_score_std": r["scores"].std().item(),
+        "win_rate": comparison.win_rate, "wins": int((p["scores"] > r["scores"]).sum()),
+        "ties": int((p["scores"] == r["scores"]).sum()), "losses": int((p["scores"] < r["scores"]).sum()),
+        "kl_to_reference": p["kl"], "policy_length": p["length"], "reference_length": r["length"],
+        "examples": [{"prompt": prompts[i], "policy": p["responses"][i], "reference": r["responses"][i],
+                      "policy_score": p["scores"][i].item(), "reference_score": r["scores"][i].item()}
+                     for i in range(min(5, len(prompts)))],
+    }
+    from .manifest import write_json_atomic
+
+    write_json_atomic(ctx.dir / "result.json", result)
+    metrics = {k: result[k] for k in ("win_rate", "policy_score_mean", "reference_score_mean", "kl_to_reference")}
+    return StageResult(metrics, {"result": ctx.rel(ctx.dir / "result.json")}, _inputs(path))
+
+
+STAGES = {"base": run_base, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "ppo": run_rl, "grpo": run_rl,
+          "rloo": run_rl, "eval": run_eval}
+
+
+def execute_stage(stage: str, cfg, run_dir: str, num_threads: int | None = None) -> dict:
+    """Run one stage (in whatever process this is) and return its result as a plain dict."""
+    import os
+
+    import torch
+
+    from .manifest import Manifest
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    run_path = Path(run_dir)
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", ".wandb-cache"), ("WANDB_CONFIG_DIR", ".wandb-config"),
+                     ("WANDB_DATA_DIR", ".wandb-data")):
+        os.environ.setdefault(var, str(run_path / sub) if sub else str(run_path))
+    torch.manual_seed(cfg.run.seed)
+    ctx = StageContext(stage, cfg, run_path, Manifest.load(run_path))
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    result = STAGES[stage](ctx)
+    return asdict(result)
