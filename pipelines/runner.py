@@ -118,10 +118,9 @@ def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = N
     if report:
         from .report import summary_lines, write_report
 
-        path = write_report(run_dir)
+        write_report(run_dir)
         for line in summary_lines(run_dir):
             log(line)
-        log(f"report: {path}")
     return manifest
 
 

@@ -102,7 +102,12 @@ def run_sft(ctx: StageContext) -> StageResult:
 # ------------------------------------------------------------------------------------------------ rm
 def run_rm(ctx: StageContext) -> StageResult:
     from align.data import PreferenceCollator, prepare_preferences
-    from align.trainers.reward_model import build_reward_trainer, fit_statistics, new_reward_head, pairwise_accuracy
+    from align.trainers.reward_model import (
+        build_reward_trainer,
+        fit_statistics,
+        new_reward_head,
+        pairwise_accuracy,
+    )
 
     st = ctx.cfg.trainer["rm"]
     init_sft = st.extras.init == "sft"

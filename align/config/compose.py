@@ -54,7 +54,7 @@ def compose_mapping(overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
     root = config_dir()
