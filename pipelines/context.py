@@ -85,7 +85,8 @@ class StageContext:
 
         flat = flatten(self.cfg.raw)
         return Tracker(self.dir, name=f"{self.run_name}-{self.stage}", config=flat, wandb=self.cfg.tracking.wandb,
-                       project=self.cfg.tracking.project, group=self.run_name, job_type=self.stage)
+                       project=self.cfg.tracking.project, group=self.cfg.tracking.group or self.run_name,
+                       job_type=self.stage)
 
     @property
     def run_name(self) -> str:

@@ -94,8 +94,7 @@ class Manifest:
     def is_done(self, stage: str, digest: str) -> bool:
         rec = self.stages.get(stage, {})
         return rec.get("status") == "done" and rec.get("config_hash") == digest and all(
-            (Path(self.run_dir) / p).exists() for p in rec.get("artifacts", {}).values() if isinstance(p, str)
-            and not os.path.isabs(p))
+            (Path(self.run_dir) / p).exists() for p in rec.get("artifacts", {}).values() if isinstance(p, str))
 
     def artifact(self, stage: str, name: str) -> Path:
         """An artifact of a finished stage as a path (relative ones are read from the run dir)."""

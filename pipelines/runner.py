@@ -75,7 +75,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = N
             if rec.get("config_hash") and rec["config_hash"] != digest:
                 later = ", ".join(stages[i + 1:]) or "none"
                 log(f"[{stage}] {_what_changed(rec.get('config'), stage_config(cfg, stage))} since the last run: "
-                    f"restarting it (and the stages after it: {later})")
+                    f"restarting it, and the stages after it ({later})")
                 _clear_stage(run_dir / stage)
                 rec = {}
             elif rec.get("status") in ("running", "failed"):
@@ -102,12 +102,13 @@ def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = N
                     raise
                 raise StageFailed(f"stage {stage!r} failed: {exc}\n(rerun the same command to resume it from its "
                                   f"last checkpoint; details in {manifest.path})") from exc
-            base = manifest.stages.get("base", {}).get("artifacts", {})
+            # the base stage's own record is not written yet: it takes the base from its result
+            base = result if stage == "base" else manifest.stages.get("base", {})
             manifest.update(stage, status="done", finished=now(), seconds=round(time.perf_counter() - start, 1),
                             metrics=_clean(result["metrics"]), artifacts=result["artifacts"],
-                            inputs=result["inputs"], base={"path": base.get("model_dir"),
-                                                           "fingerprint": manifest.stages.get("base", {})
-                                                           .get("inputs", {}).get("model/config.json")})
+                            inputs=result["inputs"], base={"path": base.get("artifacts", {}).get("model_dir"),
+                                                           "fingerprint": base.get("inputs", {})
+                                                           .get("model/config.json")})
             if cache is not None:
                 cache.publish(stage, digest, run_dir, manifest.stages[stage])
             log(f"[{stage}] done in {manifest.stages[stage]['seconds']} s")
@@ -132,8 +133,8 @@ def _what_changed(old: dict | None, new: dict) -> str:
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if not changed:
         return "an earlier stage or a data file changed"
-    more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
-    return "changed: " + ", ".join(changed[:3]) + more
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return "config changed (" + ", ".join(changed[:3]) + more + ")"
 
 
 def _clean(metrics: dict) -> dict:

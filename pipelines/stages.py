@@ -68,6 +68,8 @@ def run_base(ctx: StageContext) -> StageResult:
             raise FileNotFoundError(f"model.path={cfg.model.path}: no config.json there; point it at a local "
                                     "transformers model directory (align never downloads)")
         metrics = {}
+    with ctx.tracker() as tracker:
+        tracker.log({f"base/{k}": v for k, v in metrics.items()}, step=0)
     fingerprint = json.loads((model_dir / "config.json").read_text())
     return StageResult(metrics=metrics,
                        artifacts={"model_dir": str(Path(model_dir).resolve()),
@@ -301,6 +303,8 @@ def run_eval(ctx: StageContext) -> StageResult:
 
     write_json_atomic(ctx.dir / "result.json", result)
     metrics = {k: result[k] for k in ("win_rate", "policy_score_mean", "reference_score_mean", "kl_to_reference")}
+    with ctx.tracker() as tracker:
+        tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=0)
     return StageResult(metrics, {"result": ctx.rel(ctx.dir / "result.json")}, _inputs(path))
 
 
@@ -321,7 +325,7 @@ def execute_stage(stage: str, cfg, run_dir: str, num_threads: int | None = None)
     run_path = Path(run_dir)
     for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", ".wandb-cache"), ("WANDB_CONFIG_DIR", ".wandb-config"),
                      ("WANDB_DATA_DIR", ".wandb-data")):
-        os.environ.setdefault(var, str(run_path / sub) if sub else str(run_path))
+        os.environ[var] = str(run_path / sub) if sub else str(run_path)  # W&B's files stay in the run dir
     torch.manual_seed(cfg.run.seed)
     ctx = StageContext(stage, cfg, run_path, Manifest.load(run_path))
     ctx.dir.mkdir(parents=True, exist_ok=True)

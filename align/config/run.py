@@ -149,10 +149,12 @@ class RaySpec:
 
 @dataclass(frozen=True)
 class TrackingSpec:
-    """``wandb``: auto (offline unless ``WANDB_API_KEY`` or ``WANDB_MODE=online``), off, offline or online."""
+    """``wandb``: auto (offline unless ``WANDB_API_KEY`` or ``WANDB_MODE=online``), off, offline or online.
+    ``group``: the W&B group (default: the run's name; a sweep puts all its trials in one group)."""
 
     wandb: Literal["auto", "off", "offline", "online"] = "auto"
     project: str = "align"
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,13 @@ class RunConfig:
 
     @property
     def run_dir(self) -> str:
-        return self.run.dir or os.path.join("runs", self.pipeline.name)
+        """``run.dir``, else ``runs/<pipeline>``; under a W&B sweep agent each W&B run gets a directory of its own."""
+        if self.run.dir:
+            return self.run.dir
+        sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+        if sweep and run:
+            return os.path.join("runs", f"wandb-{sweep}", run)
+        return os.path.join("runs", self.pipeline.name)
 
     def stage(self, name: str) -> StageTrainer:
         return self.trainer[name]
@@ -414,9 +422,11 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
         return base
     limits = {k: data[k] for k in ("max_length", "max_prompt_length", "on_bad_rows")}
     out: dict = {"seed": cfg.run.seed, "limits": limits}
-    if stage in cfg.trainer:
-        out["trainer"] = {k: v for k, v in as_dict(cfg.trainer[stage]).items()}
-        out["trainer"]["loop"].pop("progress", None)
+    if stage in cfg.trainer:  # under the user's own keys, so a change is reported as trainer.dpo.beta
+        st = as_dict(cfg.trainer[stage])
+        loop = {k: v for k, v in st["loop"].items() if k not in ("progress", "seed", "deepspeed")}
+        method = {k: v for k, v in st["method"].items() if k not in ROLE_FIELDS}
+        out[f"trainer.{stage}"] = {**loop, **method, **st["extras"], "optimizer": st["optimizer"]}
         out["adapter"] = cfg.adapter_settings(stage)
         out["deepspeed"] = cfg.deepspeed.config
     files = {"sft": ("sft",), "rm": ("preferences", "preferences_eval", "rm_eval_rows"),

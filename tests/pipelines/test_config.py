@@ -1,0 +1,223 @@
+"""The run config (configs/ composed by Hydra, typed by align.config.run) and the ``align.run`` command line: no
+models are built, only the config is composed and checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from align.config.compose import compose_run_config
+from align.config.errors import ConfigError
+from align.run import main, parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _outside_a_sweep(monkeypatch):
+    """A W&B sweep agent's environment changes the default run directory; these tests run outside one."""
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+
+
+def _error(overrides: list[str]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        compose_run_config(overrides)
+    return info.value
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+def test_default_compose_is_the_dpo_pipeline_with_the_trainer_defaults():
+    cfg = compose_run_config([])
+    assert cfg.pipeline.name == "dpo"
+    assert cfg.pipeline.stages == ("base", "sft", "dpo", "eval")
+    assert cfg.embedded and cfg.run_dir == os.path.join("runs", "dpo")
+    sft = cfg.trainer["sft"]
+    assert (sft.loop.max_steps, sft.loop.micro_batch_size, sft.loop.eval_every, sft.loop.save_every) == (300, 16,
+                                                                                                        100, 50)
+    assert sft.optimizer.lr == 2.0e-3 and sft.optimizer.warmup_steps == 20
+    rm = cfg.trainer["rm"]
+    assert rm.loop.max_steps == 3000 and rm.optimizer.lr == 1.0e-3 and rm.extras.init == "fresh"
+    dpo = cfg.trainer["dpo"]
+    assert (dpo.method.beta, dpo.method.loss, dpo.method.rpo_alpha) == (0.1, "sigmoid", 1.0)
+    assert (dpo.extras.pairs, dpo.extras.pair_prompts, dpo.extras.pair_samples) == ("onpolicy", 2000, 4)
+    assert dpo.loop.max_steps == 400 and dpo.optimizer.lr == 1.0e-3 and dpo.optimizer.warmup_steps == 10
+    ppo = cfg.trainer["ppo"]
+    assert ppo.loop.max_steps == 150 and ppo.optimizer.schedule == "constant" and ppo.extras.reward == "model"
+    assert (ppo.method.kl.coef, ppo.method.kl.adaptive, ppo.method.kl.target, ppo.method.kl.horizon) == (
+        0.1, True, 4.0, 640.0)
+    assert (ppo.method.rollout.prompts_per_step, ppo.method.rollout.group_size) == (64, 1)
+    grpo = cfg.trainer["grpo"]
+    assert grpo.extras.reward == "ground_truth" and grpo.method.algo == "grpo"
+    assert (grpo.method.rollout.prompts_per_step, grpo.method.rollout.group_size) == (16, 4)
+    assert (grpo.method.kl.coef, grpo.method.kl.estimator, grpo.method.kl.in_loss) == (0.05, "k3", True)
+    # the seed comes from run.seed, DeepSpeed from the deepspeed group (none by default)
+    assert all(st.loop.seed == 0 and st.loop.deepspeed is None for st in cfg.trainer.values())
+
+
+def test_nested_overrides_arrive_typed():
+    cfg = compose_run_config(["trainer.ppo.kl.coef=0.3", "trainer.dpo.optimizer.lr=5e-4", "run.seed=7"])
+    coef, lr = cfg.trainer["ppo"].method.kl.coef, cfg.trainer["dpo"].optimizer.lr
+    assert coef == 0.3 and type(coef) is float
+    assert lr == 0.0005 and type(lr) is float
+    assert type(cfg.raw["trainer"]["dpo"]["optimizer"]["lr"]) is float  # parsed as a number, not "5e-4"
+    assert cfg.trainer["dpo"].loop.seed == 7 and cfg.run.seed == 7
+    # the neighbours keep their defaults
+    assert cfg.trainer["ppo"].method.kl.target == 4.0 and cfg.trainer["sft"].optimizer.lr == 2.0e-3
+
+
+# ------------------------------------------------------------------------------------------------ bad keys
+@pytest.mark.parametrize(("override", "key", "suggestion"), [
+    ("traner.x=1", "traner", "trainer"),  # the first unknown part is the key the schema lacks
+    ("trainer.dpo.betta=0.2", "trainer.dpo.betta", "beta"),
+    ("trainer.ppo.kl.coeff=1", "trainer.ppo.kl.coeff", "coef"),
+    ("model.pth=/x", "model.pth", "path"),
+])
+def test_unknown_keys_name_the_dotted_key_and_suggest_the_right_one(override, key, suggestion):
+    error = _error([override])
+    assert error.key == key
+    assert f"unknown config key {key!r}" in str(error)
+    assert f"did you mean {suggestion!r}?" in str(error)
+
+
+def test_unknown_key_lists_the_valid_keys_at_its_depth():
+    message = str(_error(["trainer.ppo.kl.coeff=1"]))
+    assert "valid keys here are adaptive, coef, estimator, horizon, in_loss, target;" in message
+
+
+@pytest.mark.parametrize(("override", "key", "expected"), [
+    ("trainer.sft.max_steps=abc", "trainer.sft.max_steps", "an integer"),
+    ("ray.enabled=maybe", "ray.enabled", "true or false"),
+])
+def test_wrong_types_name_the_key_and_the_expected_type(override, key, expected):
+    error = _error([override])
+    assert error.key == key
+    assert str(error) == f"{key}={override.split('=')[1]!r}: expected {expected}"
+
+
+def test_bad_group_option_lists_the_options_and_suggests_one():
+    error = _error(["pipeline=dpoo"])
+    assert error.key == "pipeline" and error.value == "dpoo"
+    assert "['dpo', 'grpo', 'ppo', 'rloo', 'rm', 'sft']" in str(error)
+    assert str(error).endswith("did you mean 'dpo'?")
+
+
+def test_a_real_model_without_a_path_says_model_path_is_required():
+    error = _error(["model=llama"])
+    assert error.key == "model.path" and error.value == "???"
+    assert "a local model directory" in str(error)
+
+
+# ------------------------------------------------------------------------------------------------ combinations
+@pytest.mark.parametrize(("overrides", "key", "fragment"), [
+    (["resources.num_workers=2"], "resources.num_workers", "1 unless a DeepSpeed config is chosen"),
+    (["deepspeed=zero3", "resources.num_workers=2", "pipeline=ppo"], "deepspeed", "none for the 'ppo' stage"),
+    (["deepspeed=zero2", "model.quantization=nf4"], "model.quantization", "'none' with DeepSpeed"),
+    (["model.path=/m"], "data.sft", "the embedded task's data only fits the embedded base"),
+    (["pipeline.stages=[base,ppo,eval]"], "pipeline.stages", "the stage 'ppo' after ['rm']"),
+    (["trainer.ppo.precision=bf16", "pipeline=ppo"], "trainer.ppo.precision", "'fp32' for the RL stages"),
+    (["adapter.r=0"], "adapter.r", "positive"),
+])
+def test_impossible_combinations_name_the_key(overrides, key, fragment):
+    error = _error(overrides)
+    assert error.key == key
+    assert fragment in str(error)
+
+
+def test_rl_stage_needs_rm_unless_it_uses_a_reward_function():
+    assert compose_run_config(["pipeline.stages=[base,sft,rm,ppo]"]).pipeline.stages == ("base", "sft", "rm", "ppo")
+    error = _error(["pipeline.stages=[base,ppo,eval]"])
+    assert "trainer.ppo.reward=ground_truth" in str(error)  # the way out is named
+    cfg = compose_run_config(["pipeline.stages=[base,ppo,eval]", "trainer.ppo.reward=ground_truth"])
+    assert cfg.pipeline.stages == ("base", "ppo", "eval")
+    assert cfg.trainer["ppo"].method.reward_adapter is None and cfg.trainer["ppo"].method.value_init == "fresh"
+
+
+def test_deepspeed_with_one_worker_and_an_rl_pipeline_is_fine():
+    cfg = compose_run_config(["deepspeed=zero3", "pipeline=ppo"])
+    assert cfg.deepspeed.config == "zero3.json"
+    # only the SFT, RM and DPO stages train through DeepSpeed
+    assert [s for s, st in cfg.trainer.items() if st.loop.deepspeed] == ["sft", "rm", "dpo"]
+
+
+def test_ia3_adapter_group_keeps_the_reward_models_own_lora():
+    cfg = compose_run_config(["adapter=ia3"])
+    assert cfg.adapter_settings("sft")["method"] == "ia3"
+    assert cfg.adapter_settings("dpo")["method"] == "ia3"
+    assert cfg.adapter_settings("sft")["target_modules"] == ["k_proj", "v_proj", "down_proj"]
+    rm = cfg.adapter_settings("rm")
+    assert rm == {"method": "lora", "r": 32, "lora_alpha": 64, "target_modules": "all-linear"}
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def test_wandb_sweep_arguments_are_accepted_and_typed():
+    # what a W&B sweep agent passes with ${args_no_hyphens}
+    argv = ["trainer.dpo.beta=0.2", "trainer.dpo.optimizer.lr=0.0005", "trainer.dpo.max_steps=12", "run.dir=/tmp/x"]
+    overrides, show = parse_args(argv)
+    assert overrides == argv and show is None
+    cfg = compose_run_config(overrides)
+    beta, lr, steps = cfg.trainer["dpo"].method.beta, cfg.trainer["dpo"].optimizer.lr, cfg.trainer["dpo"].loop.max_steps
+    assert (beta, lr, steps) == (0.2, 0.0005, 12)
+    assert (type(beta), type(lr), type(steps)) == (float, float, int)
+    assert cfg.run_dir == "/tmp/x"
+
+
+def test_parse_args_rejects_flags_and_bare_words():
+    assert parse_args(["--cfg", "job", "pipeline=ppo"]) == (["pipeline=ppo"], "job")
+    assert parse_args(["pipeline=ppo", "--cfg"]) == (["pipeline=ppo"], "job")
+    with pytest.raises(ConfigError, match="'--beta'"):
+        parse_args(["--beta"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_args(["beta"])
+
+
+def test_cfg_job_prints_the_dpo_batch_arithmetic(capsys):
+    rc = main(["--cfg", "job", "trainer.dpo.max_steps=10", "trainer.dpo.micro_batch_size=4",
+               "trainer.dpo.grad_accum_steps=2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "#   sft: 300 steps x 16 rows per step (1 worker(s) x 1 micro-batch(es) x 16 rows) = 4800 rows\n" in out
+    assert "#   dpo: 10 steps x 8 pairs per step (1 worker(s) x 2 micro-batch(es) x 4 pairs) = 80 pairs\n" in out
+    assert "# run directory: runs/dpo" in out
+    assert "beta: 0.1" in out  # the resolved YAML comes first
+
+
+def test_cfg_job_counts_deepspeed_workers(capsys):
+    rc = main(["--cfg", "job", "deepspeed=zero2", "resources.num_workers=2", "trainer.dpo.max_steps=10",
+               "trainer.dpo.micro_batch_size=4", "trainer.dpo.grad_accum_steps=2"])
+    assert rc == 0
+    assert "dpo: 10 steps x 16 pairs per step (2 worker(s) x 2 micro-batch(es) x 4 pairs) = 160 pairs" in (
+        capsys.readouterr().out)
+
+
+def test_cfg_job_prints_the_grpo_iteration_arithmetic(capsys):
+    rc = main(["--cfg", "job", "pipeline=grpo", "trainer.grpo.max_steps=5", "trainer.grpo.rollout.prompts_per_step=6",
+               "trainer.grpo.rollout.group_size=4", "trainer.grpo.minibatch_size=16", "trainer.grpo.ppo_epochs=3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    # 6 prompts x 4 samples = 24 samples -> ceil(24 / 16) = 2 minibatches; 3 epochs x 2 = 6 optimizer steps
+    assert ("#   grpo: 5 iterations x 6 prompts x 4 samples per prompt = 24 samples per iteration; "
+            "3 epochs x 2 minibatches of 16 = 6 optimizer steps per iteration\n") in out
+    assert "# run directory: runs/grpo" in out
+    assert "#   dpo:" not in out and "#   sft: 300 steps" in out
+
+
+def test_cfg_job_with_a_bad_key_returns_2(capsys):
+    assert main(["--cfg", "job", "trainer.dpo.betta=0.2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("config error: unknown config key 'trainer.dpo.betta'")
+
+
+def test_command_line_typo_exits_2_and_suggests_the_key():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "align.run", "trainer.dpo.bta=1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "'trainer.dpo.bta'" in proc.stderr
+    assert "did you mean 'beta'?" in proc.stderr
+    assert proc.stdout == ""

@@ -1,0 +1,159 @@
+"""End-to-end pipeline runs through Ray (slow): kill -9 during DPO then resume, a Ray Job on a local
+`ray start --head` cluster, a 4-trial sweep, and W&B offline tracking."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from .tiny import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("align-cache")
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "ALIGN_CACHE": str(cache), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+            "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
+
+
+def align_run(args, env, **kwargs):
+    return subprocess.run([sys.executable, "-m", "align.run", *TINY, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def adapter_tensors(run_dir: Path, stage: str) -> dict:
+    return load_file(str(run_dir / stage / "adapter" / "adapter_model.safetensors"))
+
+
+def test_kill_9_during_dpo_then_rerun_resumes_to_the_same_adapter(tmp_path, env):
+    dpo = ["trainer.dpo.max_steps=600", "trainer.dpo.save_every=20", f"run.stage_cache={tmp_path / 'cache'}"]
+    straight = align_run([*dpo, f"run.dir={tmp_path / 'straight'}"], env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "align.run", *TINY, *dpo, f"run.dir={run_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = run_dir / "dpo" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(int(p.name[5:]) >= 40 for p in checkpoints.glob("step-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, mid-DPO
+    proc.wait()
+    time.sleep(3)
+    state = manifest(run_dir)["stages"]
+    assert state["dpo"]["status"] == "running" and "eval" not in state or state["eval"]["status"] != "done"
+    assert not (run_dir / "dpo" / "adapter").exists()
+
+    resumed = align_run([*dpo, f"run.dir={run_dir}"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout
+    assert "[base] done earlier with the same config: skipped" in log
+    assert "[sft] done earlier with the same config: skipped" in log
+    assert "[dpo] running in an earlier run: resuming from its last checkpoint" in log
+    stages = manifest(run_dir)["stages"]
+    assert [stages[s]["status"] for s in ("base", "sft", "dpo", "eval")] == ["done"] * 4
+    assert stages["dpo"]["attempts"] == 2
+    a, b = adapter_tensors(tmp_path / "straight", "dpo"), adapter_tensors(run_dir, "dpo")
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_local_head_node(tmp_path, env):
+    short = Path(f"/tmp/align-job-{secrets.token_hex(3)}")  # Ray's socket paths must stay short
+    short.mkdir()
+    token = short / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    gcs, dash = _free_port(), _free_port()
+    start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                            f"--temp-dir={short / 'ray'}", "--disable-usage-stats"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        run_dir = tmp_path / "job-run"
+        submit = subprocess.run(
+            [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             "--submission-id", "align-test", "--", "python", "-m", "align.run", *TINY, f"run.dir={run_dir}"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+        status = subprocess.run([ray, "job", "status", f"--address=http://127.0.0.1:{dash}", "align-test"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+        stages = manifest(run_dir)["stages"]
+        assert [stages[s]["status"] for s in ("base", "sft", "dpo", "eval")] == ["done"] * 4
+        assert (run_dir / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+        assert (run_dir / "report.md").is_file()
+        result = json.loads((run_dir / "eval" / "result.json").read_text())
+        assert result["prompts"] == 16 and result["wins"] + result["ties"] + result["losses"] == 16
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_four_trial_sweep_shares_base_and_sft(tmp_path, env):
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "align.sweep", "sweep=dpo_beta", "sweep.max_concurrent=2",
+                           f"run.dir={sweep_dir}", *TINY, "tracking.wandb=off"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "shared stages: base, sft" in proc.stdout
+    trials = sorted((sweep_dir / "trials").iterdir())
+    assert [t.name for t in trials] == [f"trial-{i:03d}" for i in range(4)]
+    betas = []
+    sft_bytes = set()
+    for trial in trials:
+        stages = manifest(trial)["stages"]
+        assert stages["base"]["reused_from"] and stages["sft"]["reused_from"]
+        assert stages["dpo"]["reused_from"] is None and stages["dpo"]["status"] == "done"
+        betas.append(stages["dpo"]["config"]["trainer.dpo"]["beta"])
+        sft_bytes.add((trial / "sft" / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert betas == [0.05, 0.1, 0.2, 0.5]
+    assert len(sft_bytes) == 1  # one SFT, computed once
+    rows = (sweep_dir / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("trial,trainer.dpo.beta,win_rate") and len(rows) == 5
+    results = (sweep_dir / "results.md").read_text()
+    best = max((json.loads((t / "eval" / "result.json").read_text())["win_rate"], t.name) for t in trials)
+    assert "Best trial (max win_rate)" in results and best[1] in results.split("Best trial")[1]
+    assert (sweep_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_tracking_keeps_the_key_out(tmp_path, env):
+    key = "align-test-key-" + secrets.token_hex(8)
+    run_dir = tmp_path / "wb"
+    proc = align_run(["ray.enabled=false", "tracking.wandb=auto", f"run.dir={run_dir}", "run.name=wbtest"],
+                     {**env, "WANDB_MODE": "offline", "WANDB_API_KEY": key})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("base", "sft", "dpo", "eval"):
+        runs = list((run_dir / stage / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"{stage}: {runs}"
+    offenders = [p for p in run_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    assert offenders == []
+    assert key not in proc.stdout + proc.stderr
