@@ -35,8 +35,17 @@ def stage_digests(cfg: RunConfig) -> dict[str, str]:
         scfg = stage_config(cfg, stage)
         files = {k: hash_path(v) for k, v in scfg.get("data", {}).items()
                  if k in DATA_KEYS and isinstance(v, str) and Path(v).exists()}
+        if stage == "base" and cfg.model.path and Path(cfg.model.path).is_dir():
+            files["model"] = _weights_signature(Path(cfg.model.path))
         digests[stage] = config_hash({"stage": stage, "config": scfg, "files": files}, list(digests.values()))
     return digests
+
+
+def _weights_signature(model_dir: Path) -> list:
+    """Names, sizes and modification times of a model directory's files: new weights at the same path make a
+    new base (hashing gigabytes of weights on every run would be too slow)."""
+    return sorted((str(p.relative_to(model_dir)), p.stat().st_size, int(p.stat().st_mtime))
+                  for p in model_dir.rglob("*") if p.is_file())
 
 
 def write_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -114,14 +123,15 @@ def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = N
             log(f"[{stage}] done in {manifest.stages[stage]['seconds']} s")
     finally:
         executor.close()
-    write_json_atomic(run_dir / "timings.json", {"total_seconds": round(time.perf_counter() - total_start, 1),
-                                                 **{s: manifest.stages[s].get("seconds") for s in stages}})
-    if report:
-        from .report import summary_lines, write_report
+        write_json_atomic(run_dir / "timings.json", {
+            "total_seconds": round(time.perf_counter() - total_start, 1),
+            **{s: manifest.stages.get(s, {}).get("seconds") for s in stages}})
+        if report:  # also after a failure: the report shows what finished and the error
+            from .report import summary_lines, write_report
 
-        write_report(run_dir)
-        for line in summary_lines(run_dir):
-            log(line)
+            write_report(run_dir)
+            for line in summary_lines(run_dir):
+                log(line)
     return manifest
 
 

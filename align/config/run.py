@@ -366,10 +366,13 @@ def validate(cfg: RunConfig) -> None:
     policy = [s for s in stages if s in POLICY_STAGES]
     if len(policy) > 1:
         raise ConfigError("pipeline.stages", list(stages), f"at most one of {POLICY_STAGES} (got {policy})")
-    adapter_config(cfg.adapter_settings("sft"), "adapter")
     for stage in TRAINING_STAGES:
-        if cfg.trainer[stage].adapter:
-            adapter_config(cfg.adapter_settings(stage), f"trainer.{stage}.adapter")
+        key = f"trainer.{stage}.adapter" if cfg.trainer[stage].adapter else "adapter"
+        adapter_config(cfg.adapter_settings(stage), key)
+        if stage in POLICY_STAGES and stage in stages and cfg.trainer[stage].adapter and "sft" in stages:
+            raise ConfigError(f"trainer.{stage}.adapter", cfg.trainer[stage].adapter,
+                              "no overrides when an 'sft' stage runs first: the policy starts as a copy of the SFT "
+                              "adapter (set adapter.* or trainer.sft.adapter.* instead)")
     if not cfg.embedded:
         if cfg.model.path and not os.path.isabs(cfg.model.path) and not os.path.exists(cfg.model.path):
             pass  # a hub name: loading says if it cannot be reached
@@ -407,10 +410,39 @@ def validate(cfg: RunConfig) -> None:
         if stage in stages and cfg.trainer[stage].loop.precision != "fp32":
             raise ConfigError(f"trainer.{stage}.precision", cfg.trainer[stage].loop.precision,
                               "'fp32' for the RL stages (bf16 is not wired into the RL loop yet)")
+    _check_rewards(cfg, stages)
     if cfg.resources.max_retries < 0:
         raise ConfigError("resources.max_retries", cfg.resources.max_retries, "an integer >= 0")
     if cfg.resources.num_workers < 1:
         raise ConfigError("resources.num_workers", cfg.resources.num_workers, "an integer >= 1")
+
+
+def _check_rewards(cfg: RunConfig, stages: tuple[str, ...]) -> None:
+    """Reward names must exist, and a learned reward needs the rm stage before its user."""
+    uses: list[tuple[str, str]] = []
+    if "dpo" in stages and cfg.trainer["dpo"].extras.pairs == "onpolicy":
+        uses.append(("trainer.dpo.pair_reward", cfg.trainer["dpo"].extras.pair_reward))
+    uses += [(f"trainer.{s}.reward", cfg.trainer[s].extras.reward) for s in RL_STAGES if s in stages]
+    if "eval" in stages:
+        name = cfg.eval.reward
+        uses.append(("eval.reward", name if name != "auto" else ("ground_truth" if cfg.embedded else "model")))
+    functions = None
+    for key, name in uses:
+        if name == "model":
+            if key == "trainer.dpo.pair_reward":
+                raise ConfigError(key, name, "a reward function's name (on-policy pairs are ranked by a function); "
+                                  "or trainer.dpo.pairs=dataset")
+            if "rm" not in stages:
+                raise ConfigError(key, name, "a reward function's name, or 'model' with an 'rm' stage in "
+                                  "pipeline.stages" + (" (eval.reward=auto means the reward model for a real model)"
+                                                       if key == "eval.reward" else ""))
+            continue
+        if functions is None:
+            from reward.functions import REWARD_FUNCTIONS
+
+            functions = sorted(REWARD_FUNCTIONS)
+        if name not in functions:
+            raise ConfigError(key, name, f"'model' or a reward function: one of {functions}{suggest(name, functions)}")
 
 
 def stage_config(cfg: RunConfig, stage: str) -> dict:
@@ -428,7 +460,9 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
         method = {k: v for k, v in st["method"].items() if k not in ROLE_FIELDS}
         out[f"trainer.{stage}"] = {**loop, **method, **st["extras"], "optimizer": st["optimizer"]}
         out["adapter"] = cfg.adapter_settings(stage)
-        out["deepspeed"] = cfg.deepspeed.config
+        if stage in ("sft", "rm", "dpo"):  # the DeepSpeed back-end and its ranks shape the training
+            out["deepspeed"] = cfg.deepspeed.config
+            out["num_workers"] = cfg.resources.num_workers
     files = {"sft": ("sft",), "rm": ("preferences", "preferences_eval", "rm_eval_rows"),
              "dpo": ("preferences", "preferences_eval", "prompts"), "ppo": ("prompts",), "grpo": ("prompts",),
              "rloo": ("prompts",), "eval": ("eval_prompts",)}

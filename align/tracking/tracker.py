@@ -42,6 +42,8 @@ class Tracker:
         self._start = time.time()
         self._run = None
         mode = wandb_mode(wandb)
+        # under `wandb agent` every wandb.init joins the agent's run (WANDB_RUN_ID): stage steps would go backwards
+        self._shared_run = bool(os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"))
         if mode is not None:
             import wandb as wb
 
@@ -55,7 +57,11 @@ class Tracker:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
         if self._run is not None:
-            self._run.log({k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
+            values = {k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}
+            if self._shared_run:  # a W&B sweep agent's one run: every stage logs into it, so W&B steps its own
+                self._run.log({**values, "stage_step": float(step)})
+            else:
+                self._run.log(values, step=step)
 
     def close(self) -> None:
         self._file.close()

@@ -44,7 +44,7 @@ def adapter_tensors(run_dir: Path, stage: str) -> dict:
 
 
 def test_kill_9_during_dpo_then_rerun_resumes_to_the_same_adapter(tmp_path, env):
-    dpo = ["trainer.dpo.max_steps=600", "trainer.dpo.save_every=20", f"run.stage_cache={tmp_path / 'cache'}"]
+    dpo = ["trainer.dpo.max_steps=600", "trainer.dpo.save_every=20"]
     straight = align_run([*dpo, f"run.dir={tmp_path / 'straight'}"], env)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -107,7 +107,7 @@ def test_ray_job_submit_to_a_local_head_node(tmp_path, env):
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
         status = subprocess.run([ray, "job", "status", f"--address=http://127.0.0.1:{dash}", "align-test"],
                                 env=env, capture_output=True, text=True, timeout=60)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert "succeeded" in (status.stdout + status.stderr).lower()
         stages = manifest(run_dir)["stages"]
         assert [stages[s]["status"] for s in ("base", "sft", "dpo", "eval")] == ["done"] * 4
         assert (run_dir / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
