@@ -84,7 +84,8 @@ class StageContext:
         from align.tracking import Tracker
 
         flat = flatten(self.cfg.raw)
-        return Tracker(self.dir, name=f"{self.run_name}-{self.stage}", config=flat, wandb=self.cfg.tracking.wandb,
+        wandb = self.cfg.tracking.wandb if rank() == 0 else "off"  # one W&B run per stage, from rank 0
+        return Tracker(self.dir, name=f"{self.run_name}-{self.stage}", config=flat, wandb=wandb,
                        project=self.cfg.tracking.project, group=self.cfg.tracking.group or self.run_name,
                        job_type=self.stage)
 
@@ -94,9 +95,28 @@ class StageContext:
 
     def save_adapter_atomic(self, model, name: str, head=None, subdir: str = "adapter") -> str:
         """Write adapter ``name`` (and a head beside it) to ``<stage>/<subdir>`` through a temporary directory,
-        so a crash never leaves a half-written adapter where a later stage would read it."""
+        so a crash never leaves a half-written adapter where a later stage would read it. With several ranks
+        (DeepSpeed workers) every rank calls this: the weights are gathered from their shards, rank 0 writes."""
         final = self.dir / subdir
         tmp = self.dir / f".{subdir}.tmp"
+        if distributed():
+            import deepspeed
+            import torch.distributed as dist
+
+            from align.distributed.deepspeed import save_adapter_gathered
+
+            if rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter_gathered(model, name, tmp)
+            if head is not None:
+                with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+                    if rank() == 0:
+                        head.save(tmp)
+            if rank() == 0:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            dist.barrier()
+            return self.rel(final)
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_adapter(name, tmp)
         if head is not None:
@@ -112,6 +132,25 @@ class StageContext:
 
             loop = replace(loop, deepspeed=str(resolve_deepspeed(loop.deepspeed)))
         return loop
+
+
+def distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def resolve_deepspeed(path: str) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from align.config import DataConfig
 from align.config.build import as_dict
 
-from .context import StageContext, StageResult
+from .context import StageContext, StageResult, barrier, rank
 from .manifest import hash_path
 
 
@@ -156,7 +156,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
     if st.extras.pairs == "onpolicy":
         pairs_file = ctx.dir / "pairs.jsonl"
         source = ctx.data_path("prompts", "prompts.jsonl")
-        if not pairs_file.is_file():  # sampled once; a resumed stage trains on the same pairs
+        if not pairs_file.is_file() and rank() == 0:  # sampled once; a resumed stage trains on the same pairs
             start = time.perf_counter()
             prompts = _prompt_texts(source, "data.prompts", st.extras.pair_prompts)
             rows = sample_preference_pairs(model, "sft" if has_sft else None, tok, prompts,
@@ -164,6 +164,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
                                            max_new_tokens=st.extras.pair_max_new_tokens, seed=ctx.cfg.run.seed + 11)
             write_jsonl(rows, pairs_file)
             metrics["pairs_seconds"] = round(time.perf_counter() - start, 1)
+        barrier()  # other DeepSpeed ranks wait for rank 0's pairs
         train_path = str(pairs_file)
         # sampled text that the tokenizer cannot round-trip is dropped (and counted), never fatal
         train = prepare_preferences(_data(ctx, train_path, on_bad_rows="skip"), tok)

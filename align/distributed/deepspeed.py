@@ -135,10 +135,27 @@ class DeepSpeedBackend:
         persistent = self.engine.optimizer.persistent_parameters  # re-gathered after each step and checkpoint
         for param in params:
             param.ds_persist = True
+            # a forward whose module trace is not complete (the first evaluation after training, say) releases
+            # every parameter of each submodule it leaves, persistent or not; with tied embeddings that would
+            # release the head's weight after the embedding layer. External parameters are never released there.
+            param.is_external_param = True
             if all(param is not p for p in persistent):
                 persistent.append(param)
         if params:
             params[0].all_gather(params)
+
+    def before_eval(self) -> None:
+        """ZeRO-3 releases every parameter around optimizer steps and checkpoints and gathers the persistent ones
+        again afterwards; evaluation reads the output head's weight outside any hooked forward, so make sure it is
+        whole (gathering whatever is missing)."""
+        if self.zero_stage != 3:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        persistent = self.engine.optimizer.persistent_parameters
+        missing = [p for p in persistent if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if missing:
+            missing[0].all_gather(missing)
 
     def _check_trainable_set(self) -> None:
         trained = {id(p) for p in self.params.values()}

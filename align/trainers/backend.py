@@ -63,6 +63,9 @@ class TorchBackend:
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for here)."""
 
+    def before_eval(self) -> None:
+        """Make the model usable outside the training step (nothing to do in one process)."""
+
     def gathered(self) -> contextlib.AbstractContextManager:
         """A block where the trainable tensors are whole (DeepSpeed ZeRO-3 partitions them over ranks)."""
         return contextlib.nullcontext()

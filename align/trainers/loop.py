@@ -150,6 +150,7 @@ class Trainer:
         if self.eval_fn is None:
             return {}
         self._train_mode(False)
+        self.backend.before_eval()
         with torch.no_grad(), self._autocast():
             metrics = self.eval_fn()
         self._train_mode(True)

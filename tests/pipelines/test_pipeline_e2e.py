@@ -157,3 +157,23 @@ def test_wandb_offline_tracking_keeps_the_key_out(tmp_path, env):
     offenders = [p for p in run_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
     assert offenders == []
     assert key not in proc.stdout + proc.stderr
+
+
+def test_two_ray_train_workers_with_zero3_match_one_process(tmp_path, env):
+    """pipeline=dpo with SFT and DPO on 2 Ray Train workers (DeepSpeed ZeRO-3, 8 rows per rank) against one plain
+    process with 16 rows per step: the same data, so the same adapters up to float noise; and the ZeRO-3 adapter
+    is gathered whole, never the empty shards."""
+    env = {**env, "DS_ACCELERATOR": "cpu"}
+    workers = align_run(["deepspeed=zero3", "resources.num_workers=2", f"run.dir={tmp_path / 'workers'}"], env)
+    assert workers.returncode == 0, (workers.stdout + workers.stderr)[-4000:]
+    single = align_run(["ray.enabled=false", "trainer.sft.micro_batch_size=16", "trainer.dpo.micro_batch_size=16",
+                        f"run.dir={tmp_path / 'single'}"], env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    stages = manifest(tmp_path / "workers")["stages"]
+    assert [stages[s]["status"] for s in ("base", "sft", "dpo", "eval")] == ["done"] * 4
+    for stage in ("sft", "dpo"):
+        a, b = adapter_tensors(tmp_path / "workers", stage), adapter_tensors(tmp_path / "single", stage)
+        assert a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            assert a[name].shape == b[name].shape and a[name].numel() > 0, name
+            assert (a[name] - b[name]).abs().max() < 1e-4, (stage, name)
