@@ -177,3 +177,39 @@ def test_two_ray_train_workers_with_zero3_match_one_process(tmp_path, env):
         for name in a:
             assert a[name].shape == b[name].shape and a[name].numel() > 0, name
             assert (a[name] - b[name]).abs().max() < 1e-4, (stage, name)
+
+
+def test_a_dead_stage_worker_is_retried_by_ray_and_resumes(tmp_path, env):
+    """kill -9 the Ray worker process running DPO (not the driver): Ray restarts the task (resources.max_retries)
+    and the new attempt resumes from the stage's last checkpoint, ending with the adapter of an uninterrupted run."""
+    dpo = ["trainer.dpo.max_steps=600", "trainer.dpo.save_every=20", "resources.max_retries=1"]
+    straight = align_run([*dpo, "ray.enabled=false", f"run.dir={tmp_path / 'straight'}"], env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run_dir = tmp_path / "retried"
+    proc = subprocess.Popen([sys.executable, "-m", "align.run", *TINY, *dpo, f"run.dir={run_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        checkpoints = run_dir / "dpo" / "checkpoints"
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(int(p.name[5:]) >= 40 for p in checkpoints.glob("step-*")):
+            assert proc.poll() is None, "the run ended before its worker could be killed"
+            time.sleep(0.2)
+        worker = subprocess.run(["pgrep", "-f", "ray::align:dpo"], capture_output=True, text=True).stdout.split()
+        assert len(worker) == 1, worker
+        os.kill(int(worker[0]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    stages = manifest(run_dir)["stages"]
+    assert [stages[s]["status"] for s in ("base", "sft", "dpo", "eval")] == ["done"] * 4
+    a, b = adapter_tensors(tmp_path / "straight", "dpo"), adapter_tensors(run_dir, "dpo")
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+    metrics = [json.loads(line) for line in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if "train/loss" in m]
+    assert steps[0] == 1 and steps.count(1) == 1  # the retry did not start over
+    assert any(b <= a for a, b in zip(steps, steps[1:]))  # it went back to the last checkpoint
