@@ -35,8 +35,10 @@ class AdaLoraConfig(AdapterConfig):
     default 8); init_lora_weights: True (Λ = 0, P and Q ~ N(0, 0.02²): the identity at start) or False (all
     N(0, 1), for tests). Budget schedule over ``total_step`` steps: ``tinit`` warm-up steps at full rank, then the
     budget falls (cubic) and is re-allocated every ``deltaT`` steps, the last ``tfinal`` steps keep the final
-    allocation. beta1 / beta2: EMA factors of sensitivity and uncertainty; orth_reg_weight: weight of R.
-    rank_pattern: the saved keep-masks (written by the allocator)."""
+    allocation. total_step None: the training loops (``align.trainers``) fill in their number of optimizer steps
+    when a trainer is built; the allocator and ``save_adapter`` need it set. beta1 / beta2: EMA factors of
+    sensitivity and uncertainty; orth_reg_weight: weight of R. rank_pattern: the saved keep-masks (written by the
+    allocator)."""
 
     ignored_peft_keys: ClassVar[frozenset[str]] = frozenset({"r", "loftq_config", "alpha_pattern"})
 
@@ -60,12 +62,8 @@ class AdaLoraConfig(AdapterConfig):
                 or not 0 < self.target_r <= self.init_r:
             raise AdapterError(f"need 0 < target_r <= init_r (integers), got init_r={self.init_r!r}, "
                                f"target_r={self.target_r!r}")
-        if not isinstance(self.total_step, int) or self.total_step <= 0:
-            raise AdapterError(f"AdaLoRA's budget schedule needs total_step > 0 (the training steps), got "
-                               f"{self.total_step!r}")
-        if self.tinit >= self.total_step - self.tfinal:
-            raise AdapterError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
-                               f"total_step={self.total_step}; lower them or raise total_step")
+        if self.total_step is not None:  # None: the training loop fills in its own number of optimizer steps
+            self.check_schedule()
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise AdapterError(f"beta1 and beta2 must lie in (0, 1), got {self.beta1!r}, {self.beta2!r}")
         if self.lora_alpha <= 0 or self.orth_reg_weight < 0 or self.deltaT <= 0:
@@ -73,12 +71,24 @@ class AdaLoraConfig(AdapterConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
+    def check_schedule(self) -> None:
+        """Refuse a budget schedule that cannot run: total_step unset or not > 0, or no budgeting phase."""
+        if not isinstance(self.total_step, int) or isinstance(self.total_step, bool) or self.total_step <= 0:
+            raise AdapterError(f"AdaLoRA's budget schedule needs total_step > 0 (the training steps), got "
+                               f"{self.total_step!r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise AdapterError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
+                               f"total_step={self.total_step}; lower them or raise total_step")
+
     def rank_of(self, path: str) -> int:
         """The rank of layer ``path``: the kept triplets of its saved mask, else init_r."""
         mask = (self.rank_pattern or {}).get(f"{path}.lora_E")
         return self.init_r if mask is None else int(sum(bool(m) for m in mask))
 
     def to_peft_dict(self) -> dict[str, Any]:
+        if self.total_step is None:  # PEFT refuses to load an AdaLoRA config without it
+            raise AdapterError("AdaLoRA adapter has total_step=None: set it (the training loops fill in their step "
+                               "count) before saving")
         out = super().to_peft_dict()
         out.update(bias="none", use_dora=False, use_rslora=False, layers_to_transform=None)  # PEFT's LoRA keys
         return out

@@ -39,6 +39,7 @@ class AdaLoraAllocator:
         config = model.configs.get(name)
         if not isinstance(config, AdaLoraConfig):
             raise AdapterError(f"adapter {name!r} is not an AdaLoRA adapter (config {type(config).__name__})")
+        config.check_schedule()  # total_step set (a trainer fills it in) and a budgeting phase
         self.model, self.name = model, name
         layers = model.layers_of(name)
         self.modules: dict[str, AdaLoraModule] = {path: layer.adapters[name] for path, layer in layers.items()}
@@ -82,12 +83,33 @@ class AdaLoraAllocator:
 
     def orthogonal_regularization(self) -> torch.Tensor:
         """orth_reg_weight * mean over P and Q matrices of ||P Pᵀ - I||_F, ||Qᵀ Q - I||_F (a scalar with grad)."""
-        terms = []
-        for module in self.modules.values():
-            for gram in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):  # (r, r) each
-                terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype,
-                                                                             device=gram.device)))
-        return self.config.orth_reg_weight * torch.stack(terms).mean()
+        return orthogonal_regularization(list(self.modules.values()), self.config.orth_reg_weight)
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What an exact resume needs beyond the adapter's tensors: the current keep-masks (``rank_pattern``, JSON)
+        and the importance / uncertainty EMAs (tensors named ``importance/<layer path>.<part>``, ``uncertainty/...``)."""
+        tensors = {f"{kind}/{path}.{part}": value.detach().cpu().clone()
+                   for kind, store in (("importance", self.importance), ("uncertainty", self.uncertainty))
+                   for (path, part), value in store.items()}
+        return {"rank_pattern": self.config.rank_pattern}, tensors
+
+    def load_state_dict(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()``'s output: the masks (config and modules) and the EMAs."""
+        self.reset_importance()
+        for key, value in tensors.items():
+            kind, _, name = key.partition("/")
+            path, _, part = name.rpartition(".")
+            if kind not in ("importance", "uncertainty") or path not in self.modules or part not in PARTS:
+                raise AdapterError(f"allocator state {key!r} does not belong to adapter {self.name!r}")
+            store = self.importance if kind == "importance" else self.uncertainty
+            store[(path, part)] = value.to(getattr(self.modules[path], part).device)
+        pattern = state.get("rank_pattern")
+        if pattern is None:
+            self.model.configs[self.name] = dataclasses.replace(self.config, rank_pattern=None)
+            for module in self.modules.values():
+                module.rank_mask = None
+        else:
+            self._set_pattern(pattern)
 
     # ------------------------------------------------------------------------------------------- internals
     def _update_importance(self) -> None:
@@ -138,3 +160,14 @@ class AdaLoraAllocator:
                 keep = torch.tensor(pattern[f"{path}.lora_E"], device=module.lora_E.device)
                 module.lora_E.masked_fill_(~keep[:, None], 0.0)
                 module.rank_mask = keep
+
+
+def orthogonal_regularization(modules: list[AdaLoraModule], weight: float) -> torch.Tensor:
+    """``weight`` * mean over the P and Q matrices of ``modules`` of ||P Pᵀ - I||_F and ||Qᵀ Q - I||_F (PEFT's
+    term: Frobenius norms, not squared, averaged over every P and Q)."""
+    terms = []
+    for module in modules:
+        for gram in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):  # (r, r) each
+            terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                         device=gram.device)))
+    return weight * torch.stack(terms).mean()

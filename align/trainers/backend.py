@@ -45,10 +45,13 @@ class TorchBackend:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(grads, max_norm)) if grads else 0.0
 
-    def step(self) -> None:
+    def step(self, zero_grad: bool = True) -> None:
+        """Update, advance the schedule and (unless ``zero_grad`` is False: AdaLoRA's allocator still needs the
+        gradients; the caller clears them) clear the gradients."""
         self.optimizer.step()
         self.scheduler.step()
-        self.zero_grad()
+        if zero_grad:
+            self.zero_grad()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,9 @@
         optimizer.pt            the back-end's optimizer state (read back with torch.load(weights_only=True))
         deepspeed/              instead of optimizer.pt with trainer.deepspeed: the engine's shards, one per rank
         rng.safetensors         torch RNG states (rng-rank<r>.safetensors: those of rank r > 0)
-        state.json              step, data position, scheduler, Python RNG, trainer extras (KL controller, ...)
+        adalora.safetensors     when an AdaLoRA adapter trains: its allocator's importance / uncertainty EMAs
+        state.json              step, data position, scheduler, Python RNG, trainer extras (KL controller, ...),
+                                AdaLoRA's step count and keep-masks
     checkpoints/latest          the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory and renamed into place, then ``latest`` is replaced

@@ -5,6 +5,10 @@ A trainer supplies a ``loss_fn(batch) -> (loss_sum, metrics)`` returning the SUM
 micro-batch (units: response tokens for SFT, pairs for DPO and reward models) and ``count_fn(batch) -> units``.
 The loop divides every micro-batch's sum by the units of the whole optimizer step, so gradient accumulation is
 exact: 8 micro-batches of 1 give the same update as 1 of 8.
+
+When an adapter being trained is AdaLoRA, the loop also drives its rank allocator (``adalora_hook.py``): the
+orthogonal regulariser joins each step's loss and the allocator runs after each optimizer step, before the gradients
+are cleared; its state goes into every checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from tqdm import tqdm
 
 from align.config.trainer import LoopConfig, OptimizerConfig
 
-from .backend import build_backend
+from .adalora_hook import DEEPSPEED_REFUSAL, AdaLoraHook
+from .backend import TorchBackend, build_backend
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data_stream import BatchStream
 
@@ -59,12 +64,19 @@ class Trainer:
     extra: ExtraState = field(default_factory=ExtraState)
     backend: Any = None  # TorchBackend by default; DeepSpeedBackend for ZeRO
     step: int = 0
+    adalora: AdaLoraHook | None = field(default=None, init=False)  # built when an AdaLoRA adapter is trained
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         frozen = [name for name, p in self.params.items() if not p.requires_grad]
         if frozen:
             raise ValueError(f"parameters {frozen[:3]} are frozen; unfreeze the adapter before training it")
+        self.adalora = AdaLoraHook.build(self.modules, self.params, self.cfg.max_steps)
+        if self.adalora is not None and (self.cfg.deepspeed is not None
+                                         or not isinstance(self.backend, (type(None), TorchBackend))):
+            # under ZeRO the gradients live in the engine's partitioned buffers, not on the parameters, and the
+            # engine clears them inside its step: the allocator could never see them
+            raise ValueError(f"{DEEPSPEED_REFUSAL} (AdaLoRA adapters trained: {self.adalora.names})")
         if self.backend is None:  # built here, after every adapter exists (DeepSpeed needs that)
             self.backend = build_backend(self.modules, self.params, self.optim, self.cfg)
         self.stream.shard(self.backend.rank, self.backend.world_size)  # each rank its slice of the data
@@ -85,6 +97,8 @@ class Trainer:
             for name, param in self.params.items():
                 param.copy_(tensors[name])
         self.backend.load_state(path, state)
+        if self.adalora is not None:
+            self.adalora.load(path, state.get("adalora"))
         self.stream.load_state_dict(state["stream"])
         self.extra.set(state.get("extra", {}))
         self.step = state["step"]
@@ -94,9 +108,15 @@ class Trainer:
         state = {"stream": self.stream.state_dict(), "extra": self.extra.get()}
         with self.backend.gathered():  # whole tensors, never ZeRO-3's empty shards
             trainable = {name: param.detach().cpu().clone() for name, param in self.params.items()}
+
+        def write_extra(directory: Path) -> dict:
+            out = self.backend.save_state(directory)
+            if self.adalora is not None:
+                out["adalora"] = self.adalora.save(directory)
+            return out
+
         return save_checkpoint(self.checkpoint_dir, self.step, trainable, state, keep=self.cfg.keep_checkpoints,
-                               write_extra=self.backend.save_state, rank=self.backend.rank,
-                               barrier=self.backend.barrier)
+                               write_extra=write_extra, rank=self.backend.rank, barrier=self.backend.barrier)
 
     # ---------------------------------------------------------------------------------------- training
     def _autocast(self):
@@ -128,16 +148,29 @@ class Trainer:
             loss_total += loss_sum.item()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * n
+        regularizer = self.adalora.regularization() if self.adalora is not None else None
+        if regularizer is not None:  # AdaLoRA: once per step, added to the step's mean loss (as PEFT adds it)
+            if not torch.isfinite(regularizer):
+                raise TrainingDiverged(self._diverged_message("AdaLoRA's orthogonal regulariser", regularizer.item()))
+            self.backend.backward(regularizer)
         grad_norm = self.backend.clip_and_norm()
         if not math.isfinite(grad_norm):
             self.backend.zero_grad()
             raise TrainingDiverged(self._diverged_message("gradient norm", grad_norm))
         lr = self.backend.lr  # the lr this step uses; backend.step() advances the schedule to the next one
-        self.backend.step()
+        if self.adalora is None:
+            self.backend.step()
+        else:  # PEFT's order: update_and_allocate after optimizer.step(), while the gradients are still there
+            self.backend.step(zero_grad=False)
+            allocation = self.adalora.after_optimizer_step()
+            self.backend.zero_grad()
         self.step += 1
         local = sum(units)
         out = {key: value / local for key, value in sums.items()}  # this rank's metrics
         out.update(loss=loss_total / local, grad_norm=grad_norm, lr=lr)
+        if self.adalora is not None:
+            reg = regularizer.item() if regularizer is not None else 0.0
+            out.update({"loss": out["loss"] + reg, "adalora/orth_reg": reg, **allocation})
         return out
 
     def _diverged_message(self, what: str, value: float) -> str:

@@ -27,6 +27,7 @@ from align.models.forward import (
 from align.models.heads import ScalarHead
 from align.models.roles import POLICY, REFERENCE, REWARD, VALUE, Role
 
+from .adalora_hook import AdaLoraHook
 from .loop import TrainingDiverged
 from .rollout import Rollout, apply_unfinished_penalty
 
@@ -183,15 +184,22 @@ def minibatch_loss(model: AdapterModel, roles: dict[str, Role], exp: Experience,
 
 
 def update(model: AdapterModel, roles: dict[str, Role], exp: Experience, cfg: RLConfig, kl_coef: float,
-           backends: list, generator: torch.Generator, value_head: ScalarHead | None = None) -> dict[str, float]:
+           backends: list, generator: torch.Generator, value_head: ScalarHead | None = None,
+           adalora: AdaLoraHook | None = None) -> dict[str, float]:
     """``cfg.ppo_epochs`` passes over the rollout in shuffled minibatches, one optimizer step (per back-end) each.
-    Returns the metrics averaged over minibatches, with the last gradient norm of each back-end."""
+    Returns the metrics averaged over minibatches, with the last gradient norm of each back-end. With ``adalora``
+    (trained AdaLoRA adapters) the orthogonal regulariser joins each minibatch loss and the allocator runs after
+    the optimizer steps, before the gradients are cleared."""
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(exp), generator=generator)
         for rows in order.split(cfg.minibatch_size):
             loss, metrics = minibatch_loss(model, roles, exp, rows, cfg, kl_coef, value_head)
+            regularizer = adalora.regularization() if adalora is not None else None
+            if regularizer is not None:
+                loss = loss + regularizer
+                metrics["adalora/orth_reg"] = regularizer.item()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"the RL loss is {loss.item()}; nothing was saved for this iteration. "
                                        "Lower trainer.optimizer.lr or trainer.rl.kl.coef, or check the rewards")
@@ -199,10 +207,15 @@ def update(model: AdapterModel, roles: dict[str, Role], exp: Experience, cfg: RL
             for i, backend in enumerate(backends):
                 norm = backend.clip_and_norm()
                 if not math.isfinite(norm):
-                    backend.zero_grad()
+                    for other in backends:
+                        other.zero_grad()
                     raise TrainingDiverged(f"gradient norm {norm}; nothing was saved for this iteration")
                 metrics[f"grad_norm/{i}"] = norm
-                backend.step()
+                backend.step(zero_grad=adalora is None)
+            if adalora is not None:  # PEFT's order: after optimizer.step(), before the gradients are cleared
+                metrics.update(adalora.after_optimizer_step())
+                for backend in backends:
+                    backend.zero_grad()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1

@@ -9,13 +9,17 @@ built from: ``TorchBackend`` (optimizer, schedule, clipping, optimizer state fil
 A checkpoint holds the policy and value adapters and the value head (``trainable.safetensors``), each optimizer's
 state (``optimizer-<group>/optimizer.pt``), the schedulers, the KL controller, the running reward moments, the
 prompt-stream position and the RNG states, so a resumed run continues exactly (tested bit for bit on CPU).
+
+An AdaLoRA policy (or value) adapter has its ranks allocated as in the supervised loop (``adalora_hook.py``): the
+orthogonal regulariser joins every minibatch loss and the allocator runs after every optimizer step, counting
+optimizer steps (iterations x epochs x minibatches; ``total_step`` defaults to that total); its state is checkpointed.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from align.config.trainer import LoopConfig, OptimizerConfig
 from align.models.heads import ScalarHead
 from align.models.roles import POLICY, REFERENCE, REWARD, VALUE, Role, check_roles
 
+from .adalora_hook import AdaLoraHook
 from .backend import TorchBackend
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data_stream import BatchStream
@@ -66,6 +71,10 @@ class RLTrainer:
     reward_fn: RewardFn | None = None
     tracker: Any = None
     step: int = 0
+    adalora: AdaLoraHook | None = field(default=None, init=False)  # built when an AdaLoRA adapter is trained
+
+    def __post_init__(self) -> None:
+        self.adalora = AdaLoraHook.build([self.model], self.params, optimizer_steps(self.cfg, self.loop))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -88,7 +97,7 @@ class RLTrainer:
         shuffle = torch.Generator().manual_seed(self.loop.seed * 1_000_003 + self.step)
         lr = next(iter(self.backends.values())).lr  # the iteration's first lr; the schedule advances per minibatch
         metrics = update(self.model, self.roles, exp, self.cfg, kl_coef, list(self.backends.values()), shuffle,
-                         self.value_head)
+                         self.value_head, self.adalora)
         kl = sequence_kl(exp).mean().item()
         self.kl_controller.update(kl, len(exp))
         self.step += 1
@@ -130,7 +139,10 @@ class RLTrainer:
             for group, backend in self.backends.items():
                 (directory / f"optimizer-{group}").mkdir()
                 schedulers[group] = backend.save_state(directory / f"optimizer-{group}")["scheduler"]
-            return {"schedulers": schedulers}
+            out = {"schedulers": schedulers}
+            if self.adalora is not None:
+                out["adalora"] = self.adalora.save(directory)
+            return out
 
         trainable = {name: p.detach().cpu().clone() for name, p in self.params.items()}
         return save_checkpoint(self.checkpoint_dir, self.step, trainable, state, keep=self.loop.keep_checkpoints,
@@ -151,11 +163,18 @@ class RLTrainer:
                 param.copy_(tensors[name])
         for group, backend in self.backends.items():
             backend.load_state(path / f"optimizer-{group}", {"scheduler": state["schedulers"][group]})
+        if self.adalora is not None:
+            self.adalora.load(path, state.get("adalora"))
         self.prompts.load_state_dict(state["stream"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["reward_moments"])
         self.step = state["step"]
         return True
+
+
+def optimizer_steps(cfg: RLConfig, loop: LoopConfig) -> int:
+    """Optimizer steps of a whole run: iterations x epochs x minibatches of each rollout."""
+    return loop.max_steps * cfg.ppo_epochs * math.ceil(cfg.samples_per_step / cfg.minibatch_size)
 
 
 def rollout_metrics(exp: Experience, kl: float, kl_coef: float) -> dict[str, float]:
@@ -218,8 +237,7 @@ def build_rl_trainer(model: AdapterModel, roles: dict[str, Role], advantage_fn: 
         groups[VALUE].update({f"value_head.{n}": p for n, p in value_head.named_parameters()})
     if not cfg.separate_value_optimizer:
         groups = {"all": {n: p for group in groups.values() for n, p in group.items()}}
-    minibatches = math.ceil(cfg.samples_per_step / cfg.minibatch_size)
-    total = loop.max_steps * cfg.ppo_epochs * minibatches
+    total = optimizer_steps(cfg, loop)
     backends = {group: TorchBackend(params, replace(optim, lr=cfg.value_lr) if group == VALUE and cfg.value_lr
                                     else optim, total) for group, params in groups.items()}
     kl = cfg.kl

@@ -164,14 +164,19 @@ def test_parameter_counts_by_hand():
     assert model.parameter_report().trainable == 912
 
 
-def test_allocator_needs_gradients_and_an_adalora_adapter(input_ids):
+def test_allocator_needs_gradients_and_an_adalora_adapter(input_ids, tmp_path):
     model = with_adapter(tiny_llama, AdaLoraConfig(**SCHEDULE), nudge_seed=None)
     with pytest.raises(AdapterError, match="after backward"):
         AdaLoraAllocator(model, "a").update_and_allocate(2)
     model.add_adapter("lora", LoraConfig(r=2))
     with pytest.raises(AdapterError, match="not an AdaLoRA adapter"):
         AdaLoraAllocator(model, "lora")
+    unset = with_adapter(tiny_llama, AdaLoraConfig(target_modules=["q_proj"]), nudge_seed=None)  # total_step None
     with pytest.raises(AdapterError, match="total_step > 0"):
-        AdaLoraConfig()
+        AdaLoraAllocator(unset, "a")  # the training loops fill it in; a bare allocator needs it
+    with pytest.raises(AdapterError, match="set it"):
+        save_adapter(unset, "a", tmp_path)  # PEFT cannot load an AdaLoRA config without it
+    with pytest.raises(AdapterError, match="total_step > 0"):
+        AdaLoraConfig(total_step=0)
     with pytest.raises(AdapterError, match="no budgeting phase"):
         AdaLoraConfig(total_step=5, tinit=3, tfinal=2)
