@@ -96,10 +96,13 @@ class StageContext:
     def save_adapter_atomic(self, model, name: str, head=None, subdir: str = "adapter") -> str:
         """Write adapter ``name`` (and a head beside it) to ``<stage>/<subdir>`` through a temporary directory,
         so a crash never leaves a half-written adapter where a later stage would read it. With several ranks
-        (DeepSpeed workers) every rank calls this: the weights are gathered from their shards, rank 0 writes."""
+        (DeepSpeed workers) every rank calls this: the weights are gathered from their shards, rank 0 writes;
+        likewise after DeepSpeed on one rank, where ZeRO-3 partitions too."""
         final = self.dir / subdir
         tmp = self.dir / f".{subdir}.tmp"
-        if distributed():
+        stage = self.cfg.trainer.get(self.stage)
+        # ZeRO-3 partitions the weights even on one rank: gather whenever the stage trained through DeepSpeed
+        if distributed() or (stage is not None and stage.loop.deepspeed is not None):
             import deepspeed
             import torch.distributed as dist
 

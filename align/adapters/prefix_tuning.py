@@ -94,10 +94,11 @@ class PrefixTuningModule(ModelAdapter):
         return cls(resolved, device, dtype)
 
     def prefix(self) -> torch.Tensor:
-        """(P, L * 2 * D): the prefix as saved."""
-        if self.transform is None:
-            return self.embedding.weight
-        return self.transform(self.embedding.weight)
+        """(P, L * 2 * D): the prefix as saved. Read through the embedding's forward, not ``.weight``: ZeRO-3
+        gathers a partitioned weight only for a forward."""
+        ids = torch.arange(self.config.num_virtual_tokens, device=self.embedding.weight.device)
+        rows = self.embedding(ids)
+        return rows if self.transform is None else self.transform(rows)
 
     def prepare(self, backbone: nn.Module, kwargs: dict) -> dict:
         if backbone.training and any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
@@ -129,7 +130,8 @@ class PrefixTuningModule(ModelAdapter):
         return cache
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prefix()}
+        # the parameter itself when there is no MLP: loading copies into these tensors
+        return {"prompt_embeddings": self.embedding.weight if self.transform is None else self.prefix()}
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         if self.transform is not None:

@@ -113,7 +113,9 @@ class PromptTuningModule(ModelAdapter):
             embeds = kwargs.get("inputs_embeds")
             if embeds is None:
                 embeds = backbone.get_input_embeddings()(kwargs["input_ids"])
-            prompts = self.embedding.weight.to(embeds.dtype)[None].expand(batch, -1, -1)  # (B, P, H)
+            # the embedding's forward, not .weight: ZeRO-3 gathers a partitioned weight only for a forward
+            prompts = self.embedding(torch.arange(count, device=self.embedding.weight.device))  # (P, H)
+            prompts = prompts.to(embeds.dtype)[None].expand(batch, -1, -1)  # (B, P, H)
             kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)  # (B, P + T, H)
             kwargs["input_ids"] = None
         return kwargs

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from .build import as_dict, build, convert, suggest, unknown_key
+from .build import UnknownKeyError, as_dict, build, convert, suggest, unknown_key
 from .errors import ConfigError
 from .methods import DPOConfig, RewardConfig, SFTConfig
 from .rl import RLConfig
@@ -334,6 +334,7 @@ def adapter_config(settings: dict, key: str = "adapter"):
     method = str(settings.pop("method", "lora"))
     names = {m.lower(): m for m in METHODS}
     names.setdefault("bottleneck", "ALIGN_BOTTLENECK")
+    names.update({"dora": "LORA", "rslora": "LORA"})  # LoRA with use_dora / use_rslora set below
     if method.lower() not in names:
         raise ConfigError(f"{key}.method", method, f"one of {sorted(names)}{suggest(method.lower(), names)}")
     cls = METHODS[names[method.lower()]].config_cls
@@ -341,7 +342,17 @@ def adapter_config(settings: dict, key: str = "adapter"):
         cls = METHODS["LORA"].config_cls
         settings.setdefault("use_dora" if method.lower() == "dora" else "use_rslora", True)
     settings = {k: v for k, v in settings.items() if v is not None or k != "target_modules"}
-    return build(cls, settings, key)
+    try:
+        return build(cls, settings, key)
+    except UnknownKeyError as exc:
+        if key == "adapter":
+            raise
+        # Hydra merges a mapping given on the command line into the stage's default spec: keys of another
+        # method (trainer.rm.adapter's LoRA r, lora_alpha) stay behind
+        raise UnknownKeyError(exc.key, exc.value, f"{exc.allowed} ({method} has no such key; "
+                              f"'{key}={{method: {method}}}' is merged into the default {key} of "
+                              "configs/trainer/default.yaml, which keeps its other keys: replace the whole "
+                              f"spec with '~{key}' '+{key}={{method: {method}}}')") from None
 
 
 def validate(cfg: RunConfig) -> None:
@@ -406,6 +417,12 @@ def validate(cfg: RunConfig) -> None:
         if cfg.model.quantization != "none":
             raise ConfigError("model.quantization", cfg.model.quantization,
                               "'none' with DeepSpeed (ZeRO does not shard bitsandbytes layers); or deepspeed=none")
+        for stage in ("sft", "rm", "dpo"):  # the stages that train through DeepSpeed
+            method, key = trained_adapter_method(cfg, stage)
+            if stage in stages and method == "adalora":
+                raise ConfigError(key, method, f"another method with DeepSpeed: the {stage!r} stage would "
+                                  "train an AdaLoRA adapter, whose rank allocation does not run under "
+                                  "DeepSpeed; or deepspeed=none")
     for stage in RL_STAGES:
         if stage in stages and cfg.trainer[stage].loop.precision != "fp32":
             raise ConfigError(f"trainer.{stage}.precision", cfg.trainer[stage].loop.precision,
@@ -415,6 +432,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("resources.max_retries", cfg.resources.max_retries, "an integer >= 0")
     if cfg.resources.num_workers < 1:
         raise ConfigError("resources.num_workers", cfg.resources.num_workers, "an integer >= 1")
+
+
+def trained_adapter_method(cfg: RunConfig, stage: str) -> tuple[str, str]:
+    """(method, the key that sets it) of the adapter ``stage`` trains: a policy, or a reward model with
+    ``init=sft``, starts as a copy of the SFT adapter when an 'sft' stage runs before it."""
+    stages = cfg.pipeline.stages
+    after_sft = "sft" in stages and stage in stages and stages.index("sft") < stages.index(stage)
+    from_sft = stage in POLICY_STAGES or stage == "rm" and cfg.trainer["rm"].extras.init == "sft"
+    source = "sft" if after_sft and from_sft else stage
+    key = f"trainer.{source}.adapter" if cfg.trainer[source].adapter else "adapter"
+    return str(cfg.adapter_settings(source).get("method", "lora")).lower(), f"{key}.method"
 
 
 def _check_rewards(cfg: RunConfig, stages: tuple[str, ...]) -> None:
