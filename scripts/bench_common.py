@@ -118,10 +118,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def isolated(module: str, function: str, kwargs: dict, env: dict | None = None, timeout: int = 1800) -> dict:
-    """Run ``module.function(**kwargs)`` in a fresh Python process and return its JSON result (with peak RSS)."""
-    proc = subprocess.run([sys.executable, "-m", module, "--child", function, json.dumps(kwargs)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def isolated(module: str, function: str, kwargs: dict, env: dict | None = None, timeout: int = 1800,
+             python: str | Path | None = None) -> dict:
+    """Run ``module.function(**kwargs)`` in a fresh Python process and return its JSON result (with peak RSS).
+    ``python``: the interpreter to run it with (another environment, e.g. a peer library's); this one by default."""
+    proc = subprocess.run([str(python or sys.executable), "-m", module, "--child", function, json.dumps(kwargs)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{module}.{function}({kwargs}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

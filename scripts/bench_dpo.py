@@ -1,0 +1,538 @@
+"""DPO training speed, memory and model FLOP utilisation: align vs TRL ``DPOTrainer`` + PEFT LoRA.
+
+Both sides train the same random-weight Llama (``bench_common.MODELS``: "5m", "25m", 32k vocabulary) with the same
+LoRA (r=16, alpha=32, dropout 0, on q/k/v/o/gate/up/down of every layer, not lm_head) on the same synthetic pairs
+(prompt 64 tokens, chosen and rejected 64 tokens each, the last one EOS; no padding anywhere), 8 pairs per step, no
+accumulation, fp32, AdamW (torch's, not fused), constant lr 1e-4, gradient clipping at 1.0, sigmoid loss, beta 0.1,
+the reference = the base with the adapter off. Reference log-probs either precomputed once before training (align's
+default; TRL ``precompute_ref_log_probs=True``) or computed at every step (``precompute_reference=False``; TRL's
+default); each mode is compared with the same mode of the other side.
+
+Each measurement is a fresh process (``bench_common.isolated``): build the model, data and trainer (the one-off
+reference pass included, timed on its own), run ``--warmup`` steps, then time ``--steps`` steps (from the end of the
+last warm-up step to the end of the last timed step: batch fetch and collation, forward, backward, clipping and the
+optimizer step). Reported: seconds per step, tokens/s (prompt + chosen + rejected tokens of the step's pairs:
+8 x 192 = 1,536), and the peak RSS (VmHWM) of the whole process. Ours and TRL alternate (A B A B ...) ``--repeats``
+times; the tables give medians and the ratios ours/TRL of the medians. Targets: tokens/s >= 1.5x TRL, peak RSS
+<= 0.8x TRL.
+
+Model FLOP utilisation (MFU): the machine's peak is measured in the same run (a 2048^3 matmul loop in fp32 and in
+bf16, in a fresh process, at the start and at the end; the higher fp32 figure is the peak). A step's FLOPs count the
+work the method needs, the same for both sides (``step_flops``)::
+
+    F_frozen = 2*N_body*T_seq + 4*L*H*S*T_seq + 2*N_head*T_out      forward of the frozen base
+    policy   = 2*F_frozen + 6*N_lora*T_seq                          forward + backward (activation gradients
+                                                                   through the base ~ its forward, no base weight
+                                                                   gradients) + LoRA forward, backward, weight grads
+    DPO step = policy (+ F_frozen when the reference runs at every step);   SFT step = policy
+
+with N_body = L*(4*H^2 + 3*H*I) the decoder's linear weights, N_head = H*V, N_lora the trainable LoRA weights,
+T_seq the tokens in the forward (2 x 8 sequences x 128 = 2,048), T_out the positions whose log-prob is used (the
+response positions, 2 x 8 x 64 = 1,024), S = 128 (attention scores and values over the whole sequence). MFU =
+FLOPs per step / seconds per step / fp32 peak. Target: >= 60% on the 25M model. The SFT step (align's
+``build_sft_trainer``) runs the same 16 sequences of 128 tokens, loss on their last 64 tokens.
+
+What TRL's API forces (the docs section repeats it): TRL 1.16's DPOTrainer always tokenizes text itself (no
+pre-tokenized input), so it gets the same pairs as strings over a local WordLevel tokenizer of the 32k vocabulary
+("<pad>" "<s>" "</s>" "<unk>", then "t4" .. "t31999") and the child checks that TRL's token ids equal ours exactly;
+TRL 1.16 has no ``max_prompt_length`` (``max_length=None``: no truncation); on CPU its fused LM head scores every
+position (the prompt's too) and also computes entropy / mean-logit / top-1 metrics, work the FLOP count does not
+credit; its defaults (bf16 autocast, gradient checkpointing, fused AdamW, linear decay, lr 1e-6) are overridden
+to match the setup above.
+
+    python scripts/bench_dpo.py [--model 5m|25m|all] [--repeats 3] [--steps 10] [--warmup 3] [--write]
+
+The default (``--model all``, 3 repeats, 3 + 10 steps) starts 2 x 3 x 4 DPO processes, 2 x 3 SFT processes and
+2 matmul processes: about 10-15 minutes on 2 cores (the 25M model dominates; ``--model 25m --repeats 1`` takes
+about 3 minutes). ``--write`` puts the tables into docs/benchmarks.md (section ``dpo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:  # `python -m scripts.bench_dpo` (how isolated() starts the children) or imported by the tests
+    from scripts.bench_common import (
+        MODELS,
+        BenchModel,
+        Comparison,
+        alternate,
+        child_main,
+        isolated,
+        machine_info,
+        machine_line,
+        table,
+        write_section,
+    )
+except ModuleNotFoundError:  # `python scripts/bench_dpo.py`
+    from bench_common import (
+        MODELS,
+        BenchModel,
+        Comparison,
+        alternate,
+        child_main,
+        isolated,
+        machine_info,
+        machine_line,
+        table,
+        write_section,
+    )
+
+MODULE = "scripts.bench_dpo"
+LORA_R, LORA_ALPHA = 16, 32
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BETA = 0.1
+SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; LlamaConfig's defaults are bos 1, eos 2
+PAD, EOS = 0, 2
+REF_BATCH = 32  # pairs per batch of the one-off reference pass, both sides (align's DPOConfig.eval_batch_size)
+# The children run quietly and offline; both sides get the same environment.
+CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+             "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+             "WANDB_MODE": "disabled"}
+MFU_TARGET, MFU_MODEL = 0.60, "25m"
+MODES = {"precomputed": True, "every step": False}  # reference log-probs: precompute_reference / ..._ref_log_probs
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _spec(model: str | dict) -> BenchModel:
+    """A MODELS name, or BenchModel fields as a dict (the smoke test's tiny model)."""
+    return MODELS[model] if isinstance(model, str) else BenchModel(**model)
+
+
+def preference_rows(vocab: int, pairs: int, prompt_len: int, response_len: int, seed: int = 0) -> list[dict]:
+    """Random token pairs: ``prompt_ids`` (prompt_len), ``chosen_ids`` and ``rejected_ids`` (response_len, the last
+    one EOS, so TRL appends no EOS of its own). Ids avoid the special tokens."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(len(SPECIAL), vocab, (n,), generator=gen).tolist()
+
+    return [{"prompt_ids": ids(prompt_len), "chosen_ids": ids(response_len - 1) + [EOS],
+             "rejected_ids": ids(response_len - 1) + [EOS]} for _ in range(pairs)]
+
+
+def vocabulary(vocab: int) -> list[str]:
+    return list(SPECIAL) + [f"t{i}" for i in range(len(SPECIAL), vocab)]
+
+
+def word_tokenizer(vocab: int):
+    """A transformers tokenizer over ``vocabulary(vocab)``: one word per id, split on whitespace, no special tokens
+    added when encoding, so "t7 t9" -> [7, 9]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocabulary(vocab))}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def as_text(row: dict, words: list[str]) -> dict:
+    """The row as TRL's standard (non-conversational) preference format. TRL tokenizes prompt + chosen as one
+    string, so completions start with a space."""
+    def text(ids: list[int]) -> str:
+        return " ".join(words[i] for i in ids)
+
+    return {"prompt": text(row["prompt_ids"]), "chosen": " " + text(row["chosen_ids"]),
+            "rejected": " " + text(row["rejected_ids"])}
+
+
+def sft_rows(pairs: list[dict]) -> list[dict]:
+    """Two SFT sequences per pair (prompt + chosen, prompt + rejected), loss on the response: the sequences of a
+    DPO step, so an SFT step of 2 x batch rows runs the same tokens."""
+    rows = []
+    for pair in pairs:
+        for side in ("chosen_ids", "rejected_ids"):
+            rows.append({"input_ids": pair["prompt_ids"] + pair[side],
+                         "response_mask": [0] * len(pair["prompt_ids"]) + [1] * len(pair[side])})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def step_flops(spec: BenchModel, lora_params: int, sequences: int, seq_len: int, response_len: int,
+               reference_forward: bool) -> float:
+    """FLOPs of one training step by the formula in the module docstring."""
+    h, layers = spec.hidden, spec.layers
+    body = layers * (4 * h * h + 3 * h * spec.intermediate)
+    head = h * spec.vocab
+    t_seq, t_out = sequences * seq_len, sequences * response_len
+    frozen = 2 * body * t_seq + 4 * layers * h * seq_len * t_seq + 2 * head * t_out
+    policy = 2 * frozen + 6 * lora_params * t_seq
+    return policy + (frozen if reference_forward else 0)
+
+
+# ------------------------------------------------------------------------------------------------ children
+def _timed_steps(step, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Run ``warmup`` then ``steps`` calls of ``step`` (returning the loss); (seconds per timed step, losses)."""
+    losses = [step() for _ in range(warmup)]
+    start = time.perf_counter()
+    losses += [step() for _ in range(steps)]
+    return (time.perf_counter() - start) / steps, losses
+
+
+def _result(s_per_step: float, tokens_per_step: int, losses: list[float], trainable: int, **extra) -> dict:
+    import torch
+
+    return {"s_per_step": s_per_step, "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / s_per_step,
+            "first_loss": losses[0], "last_loss": losses[-1], "trainable_params": trainable,
+            "torch_threads": torch.get_num_threads(), **extra}
+
+
+def dpo_ours(model: str | dict, precompute: bool, steps: int, warmup: int, batch: int, prompt_len: int,
+             response_len: int, lr: float, seed: int = 0) -> dict:
+    """align's DPO trainer (``build_dpo_trainer``, policy adapter on the bare base as reference)."""
+    import datasets
+    import torch
+
+    from align.adapters import AdapterModel, LoraConfig
+    from align.config.methods import DPOConfig
+    from align.config.trainer import LoopConfig, OptimizerConfig
+    from align.trainers import dpo as dpo_module
+
+    spec = _spec(model)
+    rows = preference_rows(spec.vocab, batch * (warmup + steps), prompt_len, response_len, seed)
+    started = time.perf_counter()
+    adapted = AdapterModel(spec.build(seed))
+    torch.manual_seed(seed)  # the LoRA A matrices
+    cfg = DPOConfig(beta=BETA, loss="sigmoid", reference=None, precompute_reference=precompute,
+                    eval_batch_size=REF_BATCH)
+    loop = LoopConfig(max_steps=warmup + steps, micro_batch_size=batch, progress=False, seed=seed)
+    optim = OptimizerConfig(lr=lr, schedule="constant", max_grad_norm=1.0)
+    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    reference_pass = {"s": 0.0}
+    original = dpo_module.precompute_reference
+
+    def timed_precompute(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            reference_pass["s"] += time.perf_counter() - t
+
+    dpo_module.precompute_reference = timed_precompute  # build_dpo_trainer looks it up in its module
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            trainer = dpo_module.build_dpo_trainer(adapted, datasets.Dataset.from_list(rows), None, PAD, cfg, loop,
+                                                   optim, out_dir, adapter_config=lora)
+            setup_s = time.perf_counter() - started
+            adapted.train()
+            s_per_step, losses = _timed_steps(lambda: trainer.train_step()["loss"], warmup, steps)
+    finally:
+        dpo_module.precompute_reference = original
+    trainable = sum(p.numel() for p in trainer.params.values())
+    return _result(s_per_step, batch * (prompt_len + 2 * response_len), losses, trainable, setup_s=setup_s,
+                   precompute_s=reference_pass["s"] if precompute else None)
+
+
+def dpo_trl(model: str | dict, precompute: bool, steps: int, warmup: int, batch: int, prompt_len: int,
+            response_len: int, lr: float, seed: int = 0) -> dict:
+    """TRL's ``DPOTrainer`` with a PEFT LoRA ``peft_config`` (reference = the adapter disabled)."""
+    import datasets
+    import peft
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    if warmup < 1:
+        raise ValueError("warmup must be >= 1: TRL's timing starts at the end of the last warm-up step")
+    spec = _spec(model)
+    rows = preference_rows(spec.vocab, batch * (warmup + steps), prompt_len, response_len, seed)
+    words = vocabulary(spec.vocab)
+    texts = datasets.Dataset.from_list([as_text(row, words) for row in rows])
+    started = time.perf_counter()
+    base = spec.build(seed)
+
+    class Timed(DPOTrainer):
+        reference_pass_s = 0.0
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*args, **kwargs)
+            finally:
+                self.reference_pass_s += time.perf_counter() - t
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            self.__dict__.setdefault("losses", []).append(float(loss))
+            return loss
+
+    class StepEnds(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = DPOConfig(
+            output_dir=out_dir, max_steps=warmup + steps, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=1, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+            optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, seed=seed,
+            use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            beta=BETA, loss_type=["sigmoid"], max_length=None, padding_free=False,
+            precompute_ref_log_probs=precompute, precompute_ref_batch_size=REF_BATCH,
+            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_num_workers=0, dataloader_pin_memory=False,
+        )
+        lora = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+                               target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        timer = StepEnds()
+        trainer = Timed(model=base, args=args, train_dataset=texts, processing_class=word_tokenizer(spec.vocab),
+                        peft_config=lora, callbacks=[timer])
+        setup_s = time.perf_counter() - started
+        _check_same_tokens(trainer.train_dataset, rows)
+        trainer.train()
+    ends = timer.ends
+    if len(ends) != warmup + steps:
+        raise RuntimeError(f"TRL ran {len(ends)} steps, expected {warmup + steps}")
+    s_per_step = (ends[-1] - ends[warmup - 1]) / steps  # from the end of the last warm-up step
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return _result(s_per_step, batch * (prompt_len + 2 * response_len), trainer.losses, trainable, setup_s=setup_s,
+                   precompute_s=trainer.reference_pass_s if precompute else None)
+
+
+def _check_same_tokens(dataset, rows: list[dict]) -> None:
+    """TRL tokenized the text into exactly our token ids (no EOS added, nothing merged or truncated)."""
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        theirs = [list(ids) for ids in dataset[key]]
+        if theirs != [row[key] for row in rows]:
+            raise RuntimeError(f"TRL's {key} differ from the benchmark's token ids: the comparison would be unfair")
+
+
+def sft_ours(model: str | dict, steps: int, warmup: int, batch: int, prompt_len: int, response_len: int,
+             lr: float, seed: int = 0) -> dict:
+    """align's SFT trainer on the sequences of a DPO step (2 x batch rows of prompt + response)."""
+    import datasets
+    import torch
+
+    from align.adapters import AdapterModel, LoraConfig
+    from align.config.methods import SFTConfig
+    from align.config.trainer import LoopConfig, OptimizerConfig
+    from align.trainers.sft import build_sft_trainer
+
+    spec = _spec(model)
+    rows = sft_rows(preference_rows(spec.vocab, batch * (warmup + steps), prompt_len, response_len, seed))
+    adapted = AdapterModel(spec.build(seed))
+    torch.manual_seed(seed)
+    adapted.add_adapter("sft", LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS))
+    loop = LoopConfig(max_steps=warmup + steps, micro_batch_size=2 * batch, progress=False, seed=seed)
+    optim = OptimizerConfig(lr=lr, schedule="constant", max_grad_norm=1.0)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = build_sft_trainer(adapted, datasets.Dataset.from_list(rows), None, PAD, SFTConfig(adapter="sft"),
+                                    loop, optim, out_dir)
+        adapted.train()
+        s_per_step, losses = _timed_steps(lambda: trainer.train_step()["loss"], warmup, steps)
+    trainable = sum(p.numel() for p in trainer.params.values())
+    return _result(s_per_step, 2 * batch * (prompt_len + response_len), losses, trainable)
+
+
+def matmul_peak(size: int = 2048, iters: int = 10) -> dict:
+    """GFLOP/s of a ``size``^3 matmul loop in fp32 and bf16 (2 warm-up products, then ``iters`` timed)."""
+    import torch
+
+    out = {"size": size, "torch_threads": torch.get_num_threads()}
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
+        c = torch.empty(size, size, dtype=dtype)
+        for _ in range(2):
+            torch.mm(a, b, out=c)
+        start = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b, out=c)
+        out[f"{str(dtype).removeprefix('torch.')}_gflops"] = 2 * size**3 * iters / (time.perf_counter() - start) / 1e9
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _run(function: str, kwargs: dict) -> dict:
+    result = isolated(MODULE, function, kwargs, env=CHILD_ENV)
+    what = (f"{result['float32_gflops']:.0f} GFLOP/s fp32, {result['bfloat16_gflops']:.0f} bf16"
+            if function == "matmul_peak" else f"{result['s_per_step']:.3f} s/step")
+    _log(f"{function}({kwargs.get('model', '')}{', precompute' if kwargs.get('precompute') else ''}): {what}, "
+         f"peak RSS {result['peak_rss_mib']:.0f} MiB")
+    return result
+
+
+def measure(args) -> dict:
+    names = list(MODELS) if args.model == "all" else [args.model]
+    peaks = [_run("matmul_peak", {"size": args.matmul_size})]
+    results: dict = {"dpo": {}, "sft": {}}
+    for name in names:
+        common = {"model": name, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
+                  "prompt_len": args.prompt_len, "response_len": args.response_len, "lr": args.lr}
+        for mode, precompute in MODES.items():
+            kwargs = {**common, "precompute": precompute}
+            comparison = alternate(lambda kw=kwargs: _run("dpo_ours", kw), lambda kw=kwargs: _run("dpo_trl", kw),
+                                   args.repeats)
+            _check(comparison, name, mode)
+            results["dpo"][(name, mode)] = comparison
+        results["sft"][name] = [_run("sft_ours", common) for _ in range(args.repeats)]
+    peaks.append(_run("matmul_peak", {"size": args.matmul_size}))
+    results["peaks"] = peaks
+    return results
+
+
+def _check(comparison: Comparison, name: str, mode: str) -> None:
+    """Both sides train the same number of weights and start from the same loss (policy = reference: log 2)."""
+    ours, theirs = comparison.ours[0], comparison.theirs[0]
+    if ours["trainable_params"] != theirs["trainable_params"]:
+        raise RuntimeError(f"{name}/{mode}: LoRA sizes differ: ours {ours['trainable_params']:,}, "
+                           f"TRL {theirs['trainable_params']:,}")
+    for side, result in (("ours", ours), ("TRL", theirs)):
+        if abs(result["first_loss"] - math.log(2)) > 1e-3:
+            _log(f"warning: {name}/{mode} {side}'s first loss is {result['first_loss']:.5f}, not log 2")
+
+
+def _target(value: float, ok: bool) -> str:
+    return f"{value:.2f} ({'met' if ok else 'not met'})"
+
+
+def dpo_table(results: dict) -> str:
+    header = ["model", "reference log-probs", "s/step ours", "s/step TRL", "tokens/s ours", "tokens/s TRL",
+              "tokens/s ours/TRL (target >= 1.5)", "peak RSS MiB ours", "peak RSS MiB TRL",
+              "RSS ours/TRL (target <= 0.8)", "one-off reference pass s, ours / TRL"]
+    rows = []
+    for (name, mode), c in results["dpo"].items():
+        speed, rss = c.ratio("tokens_per_s"), c.ratio("peak_rss_mib")
+        reference = (f"{c.median('ours', 'precompute_s'):.2f} / {c.median('theirs', 'precompute_s'):.2f}"
+                     if MODES[mode] else "-")
+        rows.append([name, mode, c.median("ours", "s_per_step"), c.median("theirs", "s_per_step"),
+                     c.median("ours", "tokens_per_s"), c.median("theirs", "tokens_per_s"), _target(speed, speed >= 1.5),
+                     c.median("ours", "peak_rss_mib"), c.median("theirs", "peak_rss_mib"), _target(rss, rss <= 0.8),
+                     reference])
+    return table(header, rows)
+
+
+def mfu_rows(results: dict, args) -> tuple[float, list[list]]:
+    peak = max(p["float32_gflops"] for p in results["peaks"])
+    seq_len = args.prompt_len + args.response_len
+    rows = []
+
+    def cells(s_per_step: float | None, flops: float, target: bool = False) -> list:
+        if s_per_step is None:
+            return ["-", "-", "-"]
+        achieved = flops / s_per_step / 1e9
+        mfu = f"{100 * achieved / peak:.1f}%"
+        return [s_per_step, achieved, f"{mfu} ({'met' if achieved / peak >= MFU_TARGET else 'not met'})" if target
+                else mfu]
+
+    for (name, mode), c in results["dpo"].items():
+        flops = step_flops(_spec(name), c.ours[0]["trainable_params"], 2 * args.batch, seq_len, args.response_len,
+                           reference_forward=not MODES[mode])
+        rows.append([name, f"DPO, reference {mode}", flops / 1e9,
+                     *cells(c.median("ours", "s_per_step"), flops, target=name == MFU_MODEL),
+                     *cells(c.median("theirs", "s_per_step"), flops)])
+    for name, runs in results["sft"].items():
+        flops = step_flops(_spec(name), runs[0]["trainable_params"], 2 * args.batch, seq_len, args.response_len,
+                           reference_forward=False)
+        rows.append([name, "SFT", flops / 1e9,
+                     *cells(statistics.median(r["s_per_step"] for r in runs), flops, target=name == MFU_MODEL),
+                     *cells(None, flops)])
+    return peak, rows
+
+
+def mfu_table(results: dict, args) -> tuple[float, str]:
+    peak, rows = mfu_rows(results, args)
+    header = ["model", "step", "GFLOP/step", "s/step ours", "GFLOP/s ours", "MFU ours (target >= 60% on 25m)",
+              "s/step TRL", "GFLOP/s TRL", "MFU TRL"]
+    return peak, table(header, rows)
+
+
+def report(results: dict, args, info: dict) -> str:
+    peak, mfu = mfu_table(results, args)
+    bf16 = max(p["bfloat16_gflops"] for p in results["peaks"])
+    pairs = args.batch * (args.warmup + args.steps)
+    command = (f"python scripts/bench_dpo.py --model {args.model} --repeats {args.repeats} --steps {args.steps} "
+               f"--warmup {args.warmup}{' --write' if args.write else ''}")
+    sequences, seq_len = 2 * args.batch, args.prompt_len + args.response_len
+    return f"""## DPO: align vs TRL `DPOTrainer` + PEFT LoRA (`scripts/bench_dpo.py`)
+
+Command: `{command}`, run {info['date']}. Machine: {machine_line(info)}.
+
+Same random-weight Llama on both sides (5m: hidden 64, 4 layers; 25m: hidden 256, 10 layers; vocabulary 32,000),
+LoRA r={LORA_R}, alpha={LORA_ALPHA}, dropout 0 on q/k/v/o/gate/up/down of every layer (not lm_head), the same
+synthetic pairs (prompt {args.prompt_len} tokens, chosen and rejected {args.response_len} each, no padding),
+{args.batch} pairs per step, no accumulation, fp32, AdamW (torch, not fused), constant lr {args.lr:g}, clipping at
+1.0, sigmoid loss, beta {BETA}, reference = the base with the adapter off. Each figure is the median of {args.repeats}
+fresh processes per side, ours and TRL alternating; a process runs {args.warmup} warm-up steps, then {args.steps}
+timed steps. tokens/s counts prompt + chosen + rejected tokens ({args.batch * (args.prompt_len + 2 * args.response_len):,}
+per step); peak RSS is the whole process's VmHWM. The one-off reference pass covers the {pairs} pairs of the run
+({REF_BATCH} pairs per batch on both sides).
+
+{dpo_table(results)}
+
+Model FLOP utilisation: measured matmul peak ({args.matmul_size}³, {results['peaks'][0]['torch_threads']} threads) fp32
+{peak:,.0f} GFLOP/s, bf16 {bf16:,.0f} GFLOP/s. FLOPs per step count the work the method needs, the same for both
+sides: with the frozen-base forward F = 2·N_body·T_seq + 4·L·H·S·T_seq + 2·N_head·T_out, a training step is
+2·F + 6·N_lora·T_seq (forward, backward through the base without base weight gradients, LoRA weight gradients), plus
+F when the reference runs at every step. N_body = L·(4H² + 3H·I), N_head = H·V, T_seq = {sequences * seq_len:,} tokens
+in the forward ({sequences} sequences of S = {seq_len}), T_out = {sequences * args.response_len:,} scored response
+positions. MFU = FLOPs per step / s per step / fp32 peak. The SFT step (`build_sft_trainer`) runs the same
+{sequences} sequences, loss on the response tokens.
+
+{mfu}
+
+Differences TRL's API forces: TRL 1.16's `DPOTrainer` always tokenizes text itself (no pre-tokenized input), so it
+gets the pairs as strings over a local word-level tokenizer of the same 32k vocabulary, and the benchmark checks
+that TRL's token ids equal the ones align trains on; 1.16 has no `max_prompt_length` (`max_length=None`, nothing is
+truncated). On CPU TRL's fused LM head scores every position, the prompt's included, and computes entropy,
+mean-logit and top-1 metrics in the same pass; the FLOP count does not credit that work. TRL's defaults that would
+make the runs unequal are overridden: bf16 autocast (`bf16=False, use_cpu=True`), gradient checkpointing (off),
+fused AdamW (`optim="adamw_torch"`), linear decay (`constant`), lr 1e-6. TRL's per-step logging is off
+(`logging_strategy="no"`); it still computes its metrics every step, as align does.
+"""
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="all", choices=[*MODELS, "all"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--response-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--json", type=Path, help="also write every measurement to this file")
+    parser.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
+        parser.error("--steps, --warmup and --repeats must be >= 1 (the first step is never timed)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    info = machine_info()
+    _log(f"machine: {machine_line(info)}")
+    results = measure(args)
+    markdown = report(results, args, info)
+    print(markdown)
+    if args.json:
+        raw = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": info, "peaks": results["peaks"],
+               "dpo": {f"{n}/{m}": {"ours": c.ours, "theirs": c.theirs} for (n, m), c in results["dpo"].items()},
+               "sft": results["sft"]}
+        args.json.write_text(json.dumps(raw, indent=1))
+    if args.write:
+        write_section("dpo", markdown)
+        _log("wrote the dpo section of docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    if not child_main(globals()):
+        main()
