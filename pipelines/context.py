@@ -34,6 +34,7 @@ class StageContext:
     cfg: RunConfig
     run_dir: Path
     manifest: Manifest
+    device: str | None = None  # where load_model put the base
 
     @property
     def dir(self) -> Path:
@@ -65,11 +66,16 @@ class StageContext:
         import torch
 
         from align.adapters import AdapterModel
+        from align.models.device import resolve_device
         from align.models.loading import load_base
 
         model_dir, _ = self.base_dirs()
         dtype = torch.bfloat16 if self.cfg.model.dtype == "bf16" else torch.float32
-        base, tok = load_base(model_dir, quantization=self.cfg.model.quantization, dtype=dtype)
+        device = resolve_device(self.cfg.model.device)
+        if distributed() and device.type == "cuda":  # one GPU per DeepSpeed rank
+            device = torch.device("cuda", torch.cuda.current_device())
+        base, tok = load_base(model_dir, quantization=self.cfg.model.quantization, dtype=dtype, device=device)
+        self.device = str(device)
         model = AdapterModel(base)
         for stage in adapters:
             model.load_adapter(self.manifest.artifact(stage, "adapter"), ROLE_OF_STAGE[stage])

@@ -64,9 +64,14 @@ class RayExecutor:
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         return int(max((n["Resources"].get("CPU", 1) for n in nodes), default=1))
 
+    def _gpus(self, cfg: RunConfig) -> float:
+        if cfg.resources.num_gpus is not None:
+            return cfg.resources.num_gpus
+        return 1.0 if self.ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
     def run(self, stage: str, cfg: RunConfig, run_dir: Path) -> dict:
         cpus = self._cpus(cfg)
-        options = {"num_cpus": cpus, "num_gpus": cfg.resources.num_gpus, "max_retries": cfg.resources.max_retries,
+        options = {"num_cpus": cpus, "num_gpus": self._gpus(cfg), "max_retries": cfg.resources.max_retries,
                    "retry_exceptions": False, "name": f"align:{stage}"}
         if cfg.resources.memory_gb:
             options["memory"] = int(cfg.resources.memory_gb * 2**30)

@@ -115,7 +115,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = N
             base = result if stage == "base" else manifest.stages.get("base", {})
             manifest.update(stage, status="done", finished=now(), seconds=round(time.perf_counter() - start, 1),
                             metrics=_clean(result["metrics"]), artifacts=result["artifacts"],
-                            inputs=result["inputs"], base={"path": base.get("artifacts", {}).get("model_dir"),
+                            inputs=result["inputs"], device=result.get("device"), base={"path": base.get("artifacts", {}).get("model_dir"),
                                                            "fingerprint": base.get("inputs", {})
                                                            .get("model/config.json")})
             if cache is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from align.config import DataConfig
 from align.config.build import as_dict
+from align.models.device import device_of
 
 from .context import StageContext, StageResult, barrier, rank
 from .manifest import hash_path
@@ -208,7 +209,8 @@ def run_rl(ctx: StageContext) -> StageResult:
     uses_model = st.extras.reward == "model"
     model, tok = ctx.load_model(tuple(s for s in ("sft", "rm") if ctx.upstream(s) and (s == "sft" or uses_model)))
     method = st.method if has_sft else _replace(st.method, reference=None)
-    reward = ({"reward_head": ScalarHead.load(ctx.manifest.artifact("rm", "adapter"))} if uses_model
+    reward = ({"reward_head": ScalarHead.load(ctx.manifest.artifact("rm", "adapter")).to(device_of(model))}
+              if uses_model
               else {"reward_fn": get_reward_function(st.extras.reward)})
     path = ctx.data_path("prompts", "prompts.jsonl")
     prompts = prepare_prompts(_data(ctx, path, lint_samples=0), tok)
@@ -266,7 +268,7 @@ def run_eval(ctx: StageContext) -> StageResult:
     if reward_name == "model":
         from align.models.heads import ScalarHead
 
-        head = ScalarHead.load(ctx.manifest.artifact("rm", "adapter"))
+        head = ScalarHead.load(ctx.manifest.artifact("rm", "adapter")).to(device_of(model))
     model.eval()
     results = {}
     with torch.no_grad():
@@ -331,4 +333,4 @@ def execute_stage(stage: str, cfg, run_dir: str, num_threads: int | None = None)
     ctx = StageContext(stage, cfg, run_path, Manifest.load(run_path))
     ctx.dir.mkdir(parents=True, exist_ok=True)
     result = STAGES[stage](ctx)
-    return asdict(result)
+    return {**asdict(result), "device": ctx.device}

@@ -33,10 +33,12 @@ def _worker(config: dict) -> None:
 
 
 def run_with_workers(stage: str, cfg, run_dir: Path, cpus: int) -> dict:
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = cfg.resources.num_gpus > 0
+    gpus = cfg.resources.num_gpus
+    use_gpu = (gpus or 0) > 0 or (gpus is None and ray.cluster_resources().get("GPU", 0) >= cfg.resources.num_workers)
     per_worker = {"CPU": cfg.resources.num_cpus or 1}
     result_path = Path(run_dir) / stage / RESULT_FILE
     result_path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -56,12 +57,14 @@ class EmbeddedBaseSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """``model.path``: a local transformers model directory; null builds (once, cached) the embedded task's tiny
-    base. ``target_modules``: the layers adapters wrap ('all-linear', a list of names, or a regex)."""
+    base. ``target_modules``: the layers adapters wrap ('all-linear', a list of names, or a regex). ``device``:
+    'auto' (a GPU when the stage's process sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
 
     name: str = "embedded"
     path: str | None = None
     quantization: Literal["none", "nf4", "int8"] = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
     target_modules: str | list[str] = "all-linear"
     embedded: EmbeddedBaseSpec = field(default_factory=EmbeddedBaseSpec)
 
@@ -116,11 +119,12 @@ class DeepSpeedSpec:
 @dataclass(frozen=True)
 class ResourcesSpec:
     """What each stage asks Ray for. ``num_cpus`` null: every CPU of the machine (torch uses that many threads).
+    ``num_gpus`` null: one GPU when the cluster has any, else none (Ray hides GPUs from a task that asks for none).
     ``num_workers`` > 1: the training stages run as that many Ray Train workers on the DeepSpeed back-end.
     ``max_retries``: how often a stage whose process died is restarted (it resumes from its checkpoint)."""
 
     num_cpus: int | None = None
-    num_gpus: float = 0.0
+    num_gpus: float | None = None
     memory_gb: float | None = None
     num_workers: int = 1
     max_retries: int = 1
@@ -428,6 +432,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"trainer.{stage}.precision", cfg.trainer[stage].loop.precision,
                               "'fp32' for the RL stages (bf16 is not wired into the RL loop yet)")
     _check_rewards(cfg, stages)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.model.device):
+        raise ConfigError("model.device", cfg.model.device, "auto, cpu, cuda or cuda:N")
     if cfg.resources.max_retries < 0:
         raise ConfigError("resources.max_retries", cfg.resources.max_retries, "an integer >= 0")
     if cfg.resources.num_workers < 1:

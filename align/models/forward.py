@@ -9,6 +9,8 @@ from torch import nn
 from align.adapters import AdaptedLayer, AdapterModel
 from align.algos import IGNORE_INDEX, chunked_token_logps, entropy_from_logits
 
+from .device import device_of, to_device
+
 
 def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers causal LM inside ``model``."""
@@ -19,6 +21,9 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Final-layer hidden states (B, T, H) from the backbone (``base_model``), without computing logits."""
     backbone = causal_lm(model).base_model
+    device = device_of(backbone)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = position_ids.to(device) if position_ids is not None else None
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
@@ -47,6 +52,7 @@ def response_logps_and_entropy(model: nn.Module, batch: dict[str, torch.Tensor],
 
 def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_per_chunk=256):
     lm = causal_lm(model)
+    batch = to_device(batch, device_of(lm))
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
     mask = batch["response_mask"][:, 1:].bool()  # (B, T-1)
     selected = hidden[:, :-1][mask]  # (N, H): only the positions whose next token is a response token

@@ -8,6 +8,8 @@ import torch
 
 from align.adapters import AdapterModel
 
+from .device import device_of
+
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Prompt ids through the chat template (user turn + generation prompt) when the tokenizer has one."""
@@ -37,8 +39,9 @@ def sample(model: AdapterModel, adapter: str | None, tokenizer, prompts: Sequenc
             for row, seq in enumerate(chunk):  # left padding: every prompt ends at the last column
                 ids[row, width - len(seq):] = torch.tensor(seq)
                 mask[row, width - len(seq):] = 1
+            device = device_of(model)
             generated = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=temperature > 0, temperature=max(temperature, 1e-5),
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=temperature > 0, temperature=max(temperature, 1e-5),
                 top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
             out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)

@@ -17,8 +17,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base(path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32):
-    """The frozen base for every role, and its tokenizer. quantization: 'none', 'nf4' (4-bit, QLoRA) or 'int8'."""
+def load_base(path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu"):
+    """The frozen base for every role, and its tokenizer. quantization: 'none', 'nf4' (4-bit, QLoRA) or 'int8'.
+    ``device``: where the base lives ('cpu', 'cuda', 'cuda:1'); adapters are created beside their layers."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"model.quantization={quantization!r}: expected one of {QUANTIZATIONS}")
     if not Path(path).exists() and Path(path).is_absolute():
@@ -30,6 +32,11 @@ def load_base(path: str | Path, quantization: str = "none", dtype: torch.dtype =
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
             if quantization == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    device = torch.device(device)
+    if quantization != "none" and device.type == "cuda":
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantizes as the weights land on the GPU
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if quantization == "none":
+        model.to(device)
     model.requires_grad_(False)
     return model.eval(), load_tokenizer(path)

@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 
-def batches(dataset: Sequence[dict], batch_size: int, collate: Callable[[list[dict]], Any]) -> Iterator[Any]:
-    """The dataset in order, ``batch_size`` rows at a time (the last batch may be smaller)."""
+from align.models.device import to_device
+
+
+def batches(dataset: Sequence[dict], batch_size: int, collate: Callable[[list[dict]], Any],
+            device: torch.device | None = None) -> Iterator[Any]:
+    """The dataset in order, ``batch_size`` rows at a time (the last batch may be smaller), on ``device``."""
     for start in range(0, len(dataset), batch_size):
-        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        yield to_device(batch, device) if device is not None else batch

@@ -16,6 +16,7 @@ from align.algos import dpo_implicit_rewards, get_dpo_loss, masked_sum
 from align.config.methods import DPOConfig
 from align.config.trainer import LoopConfig, OptimizerConfig
 from align.data import PreferenceCollator
+from align.models.device import device_of, to_device
 from align.models.forward import disable_dropout, response_token_logps
 
 from .common import batches
@@ -71,6 +72,7 @@ def precompute_reference(model: AdapterModel, dataset, pad_token_id: int, cfg: D
 
 def dpo_loss(model: AdapterModel, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over pairs of the configured DPO-family loss, with the usual diagnostics."""
+    batch = to_device(batch, device_of(model))
     policy_chosen, policy_rejected = sequence_logps(model, batch, cfg.policy, cfg).float().chunk(2)
     if cfg.loss == "simpo":  # reference-free
         ref_chosen, ref_rejected = torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected)

@@ -18,6 +18,7 @@ from align.algos import gae, whiten
 from align.config.errors import ConfigError
 from align.config.rl import RLConfig
 from align.config.trainer import LoopConfig, OptimizerConfig
+from align.models.device import device_of
 from align.models.heads import ScalarHead
 from align.models.roles import VALUE, Role
 
@@ -30,7 +31,7 @@ def token_rewards(exp: Experience, kl_coef: float, cfg: RLConfig) -> torch.Tenso
     each response's last token."""
     rewards = torch.zeros_like(exp.old_logps) if cfg.kl.in_loss else -kl_coef * exp.kl
     last = exp.rollout.attention_mask.sum(dim=1) - 2  # (B,): the last token's position in the shifted layout
-    rewards[torch.arange(len(exp)), last] += exp.rewards
+    rewards[torch.arange(len(exp), device=rewards.device), last] += exp.rewards
     return rewards
 
 
@@ -46,7 +47,7 @@ def setup_value(model: AdapterModel, cfg: RLConfig, reward_head: ScalarHead | No
                 adapter_config: LoraConfig | None = None) -> tuple[Role, ScalarHead]:
     """The value role: adapter ``cfg.value`` and a per-token head, copied from the reward adapter and its score
     head (``value_init='reward'``, as InstructGPT) or fresh. An existing value adapter is kept."""
-    head = ScalarHead(model.config.hidden_size, "value", dtype=model.adapter_dtype)
+    head = ScalarHead(model.config.hidden_size, "value", dtype=model.adapter_dtype).to(device_of(model))
     if cfg.value_init == "reward":
         if cfg.reward_adapter is None or reward_head is None:
             raise ConfigError("trainer.rl.value_init", cfg.value_init, "'fresh' when there is no reward model")

@@ -13,6 +13,7 @@ from align.algos import bradley_terry_loss
 from align.config.methods import RewardConfig
 from align.config.trainer import LoopConfig, OptimizerConfig
 from align.data import PreferenceCollator
+from align.models.device import device_of, to_device
 from align.models.forward import hidden_states, last_token_hidden
 from align.models.heads import ScalarHead
 
@@ -23,6 +24,7 @@ from .loop import Trainer
 
 def sequence_rewards(model: AdapterModel, head: ScalarHead, batch: dict, adapter: str) -> torch.Tensor:
     """Raw rewards (B,) of the batch's sequences under ``adapter`` + ``head``."""
+    batch = to_device(batch, device_of(model))
     with model.use(adapter):
         hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     return head(last_token_hidden(hidden, batch["attention_mask"]))
@@ -67,7 +69,7 @@ def fit_statistics(model: AdapterModel, head: ScalarHead, dataset, collate, cfg:
 
 
 def new_reward_head(model: AdapterModel) -> ScalarHead:
-    return ScalarHead(model.config.hidden_size, "score", dtype=model.adapter_dtype)
+    return ScalarHead(model.config.hidden_size, "score", dtype=model.adapter_dtype).to(device_of(model))
 
 
 def build_reward_trainer(model: AdapterModel, head: ScalarHead, train_set, eval_set, pad_token_id: int,

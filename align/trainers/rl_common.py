@@ -116,7 +116,8 @@ def score_rollout(model: AdapterModel, roles: dict[str, Role], rollout: Rollout,
                                                               cfg.standardize_reward_model),), rollout, size)
     else:
         rollout.decode(tokenizer)
-        scores = torch.as_tensor(reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
+        scores = torch.as_tensor(reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32,
+                                 device=rollout.input_ids.device)
     scores = apply_unfinished_penalty(scores, rollout.finished, cfg.rollout.unfinished_penalty)
     mask = rollout.response_mask[:, 1:]
     return Experience(rollout, mask, old_logps, ref_logps, entropy, values, scores)

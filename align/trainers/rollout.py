@@ -24,6 +24,7 @@ import torch
 from align.adapters import AdapterModel
 from align.config.rl import RolloutConfig
 from align.data.collate import pad
+from align.models.device import device_of
 
 
 @dataclass
@@ -54,6 +55,12 @@ class Rollout:
         width = int(mask.sum(dim=1).max()) if mask.numel() else 0
         return {"input_ids": self.input_ids[rows, :width], "attention_mask": mask[:, :width],
                 "response_mask": self.response_mask[rows, :width]}
+
+    def to(self, device: torch.device) -> Rollout:
+        """The rollout with its tensors on ``device`` (where the model scores it)."""
+        for name in ("input_ids", "attention_mask", "response_mask", "finished"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def decode(self, tokenizer) -> None:
         """Prompt and response texts without special tokens (for reward functions that read text)."""
@@ -96,8 +103,9 @@ def generate_rollout(model: AdapterModel, adapter: str | None, prompt_ids: Seque
                 chunk = prompt_ids[start:start + cfg.generation_batch_size]
                 ids = pad(chunk, pad_token_id, left=True)  # (b, P): every prompt ends at the last column
                 mask = pad([[1] * len(p) for p in chunk], 0, left=True)
+                device = device_of(model)
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
+                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=cfg.temperature,
                     top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_token_id,
                     pad_token_id=pad_token_id)
                 rows, done = split_responses(out[:, ids.shape[1]:], eos_token_id)
@@ -105,7 +113,7 @@ def generate_rollout(model: AdapterModel, adapter: str | None, prompt_ids: Seque
                 finished.append(done)
     finally:
         model.train(was_training)
-    return layout(prompt_ids, responses, pad_token_id, torch.cat(finished))
+    return layout(prompt_ids, responses, pad_token_id, torch.cat(finished).cpu()).to(device_of(model))
 
 
 def apply_unfinished_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -41,7 +41,8 @@ def test_default_compose_is_the_dpo_pipeline_with_the_trainer_defaults():
                                                                                                         100, 50)
     assert sft.optimizer.lr == 2.0e-3 and sft.optimizer.warmup_steps == 20
     rm = cfg.trainer["rm"]
-    assert rm.loop.max_steps == 3000 and rm.optimizer.lr == 1.0e-3 and rm.extras.init == "fresh"
+    assert (rm.loop.max_steps, rm.loop.micro_batch_size) == (1500, 32)
+    assert rm.optimizer.lr == 1.0e-3 and rm.extras.init == "fresh"
     dpo = cfg.trainer["dpo"]
     assert (dpo.method.beta, dpo.method.loss, dpo.method.rpo_alpha) == (0.1, "sigmoid", 1.0)
     assert (dpo.extras.pairs, dpo.extras.pair_prompts, dpo.extras.pair_samples) == ("onpolicy", 2000, 4)
