@@ -118,7 +118,9 @@ class LoraModule(AdapterModule):
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         result = base_layer(x)
         x = self.dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(x)) * self.scaling + self._bias_shift(base_layer)
+        update = self.lora_B(self.lora_A(x)) * self.scaling
+        if self.bias is not None:  # skipped otherwise: adding 0 would allocate another (B, T, out) tensor
+            update = update + self._bias_shift(base_layer)
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -181,7 +183,9 @@ class DoraModule(LoraModule):
             base_out = nn.functional.linear(x_in, weight)  # W dropout(x): the dropped input feeds both terms
         scale = self.lora_magnitude_vector / self._weight_norm(weight)  # (out,)
         lora_out = self.lora_B(self.lora_A(x_in)) * self.scaling
-        update = (scale - 1) * base_out + scale * lora_out + self._bias_shift(base_layer)
+        update = (scale - 1) * base_out + scale * lora_out
+        if self.bias is not None:
+            update = update + self._bias_shift(base_layer)
         return result + update.to(result.dtype)
 
     def merge_into(self, base_layer: nn.Module) -> None:
