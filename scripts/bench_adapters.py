@@ -32,7 +32,9 @@ wraps them through ``align.adapters.base_layers``. bitsandbytes' CPU repack (an 
 used in eval mode on inputs without grad: see ``/work/shared/STACK.md``) is switched off on every ``Linear4bit`` on
 every side: AdapterModel does it itself (``support_avx512bf16_for_cpu = False``), and this script sets the same flag
 on the PEFT and bare-base processes' layers, so all sides run bitsandbytes' same dequantize-and-matmul path. Each
-process checks, and the parent refuses the run otherwise, that no layer was repacked and the flags agree.
+process checks, and the parent refuses the run otherwise, that no layer was repacked and the flags agree. PEFT's
+4-bit LoRA layer clones the base layer's output before adding the update (its "defensive clone"); that is PEFT as it
+ships, and it is kept.
 
 Sanity checks run in the parent (not timings): both sides train the same number of parameters, and their first
 losses agree (B starts at zero, so both equal the bare base's loss).
@@ -40,10 +42,15 @@ losses agree (B starts at zero, so both equal the bare base's loss).
 Ours and PEFT alternate (A B A B across repeats; every method and the bare bases are measured once per repeat, so
 drifts in machine load hit all of them). Ratios are ours / PEFT of the medians; the target is <= 1.0x.
 
-    python scripts/bench_adapters.py [--model 5m|25m] [--repeats 3] [--steps 10] [--write]
+    python scripts/bench_adapters.py [--model 5m|25m] [--repeats 3] [--steps 10] [--batch 4 --seq 256]
+                                     [--methods lora dora lora-nf4 dora-nf4] [--write]
 
-Expected time (2 cores, defaults: 25m, 8 x 256 tokens, 3 methods, 3 repeats, 2 + 10 steps): 3 x (2 bare bases
-+ 3 methods x 2 sides) = 24 processes; see the estimate printed at the start.
+Expected time on 2 quiet cores with the defaults (25m, 4 x 256 tokens, 3 methods, 3 repeats, 2 + 10 steps):
+3 x (2 bare bases + 3 methods x 2 sides) = 24 processes of about 15 s (imports and build ~6 s, a step ~0.7 s), about
+6 minutes; ``--batch 8`` (2,048 tokens a step) about 10 minutes; ``--model 5m`` about 3. These are estimates (FLOP
+counts, and one contended single-thread 25m step of 2,048 tokens: 7.3 s); the progress lines on stderr give the
+remaining time after each repeat. The 32k-vocabulary logits dominate the step's memory (a 25m step of 2,048 tokens
+adds about 1.8 GB over the built model, on every side), so adapter differences are a small part of the peak.
 """
 
 from __future__ import annotations
@@ -260,7 +267,7 @@ def report(args, info: dict, comparisons: dict[str, Comparison], bases: dict, se
         f"zero_grad + causal-LM loss (labels = inputs) + backward + AdamW step (lr {LR}) on the adapter, fp32, "
         f"batch {args.batch} x {args.seq} = {tokens:,} tokens. Bare base: no adapter, backward through every "
         "layer to the input embeddings (the floor of any adapter). Time: median of "
-        f"{args.steps} steps after {args.warmup} warm-up, median over {args.repeats} fresh processes per side, "
+        f"{args.steps} steps after {args.warmup} warm-up, median over {args.repeats} fresh process(es) per side, "
         "ours and PEFT alternating (A B A B). Peak: VmHWM of the whole process (imports, build, steps); "
         "step: the high-water mark during the steps minus the RSS before them. NF4: the same "
         "`quantize_linear_layers` base on every side, bitsandbytes' CPU repack off on every `Linear4bit` on every "
@@ -290,7 +297,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side and method")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     parser.add_argument("--doc", type=Path, default=BENCHMARKS_MD, help="the markdown file --write updates")

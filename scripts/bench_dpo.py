@@ -29,7 +29,7 @@ work the method needs, the same for both sides (``step_flops``)::
 with N_body = L*(4*H^2 + 3*H*I) the decoder's linear weights, N_head = H*V, N_lora the trainable LoRA weights,
 T_seq the tokens in the forward (2 x 8 sequences x 128 = 2,048), T_out the positions whose log-prob is used (the
 response positions, 2 x 8 x 64 = 1,024), S = 128 (attention scores and values over the whole sequence). MFU =
-FLOPs per step / seconds per step / fp32 peak. Target: >= 60% on the 25M model. The SFT step (align's
+FLOPs per step / seconds per step / fp32 peak. Target: >= 60% on the 25M model, for align's steps. The SFT step (align's
 ``build_sft_trainer``) runs the same 16 sequences of 128 tokens, loss on their last 64 tokens.
 
 What TRL's API forces (the docs section repeats it): TRL 1.16's DPOTrainer always tokenizes text itself (no
@@ -37,14 +37,18 @@ pre-tokenized input), so it gets the same pairs as strings over a local WordLeve
 ("<pad>" "<s>" "</s>" "<unk>", then "t4" .. "t31999") and the child checks that TRL's token ids equal ours exactly;
 TRL 1.16 has no ``max_prompt_length`` (``max_length=None``: no truncation); on CPU its fused LM head scores every
 position (the prompt's too) and also computes entropy / mean-logit / top-1 metrics, work the FLOP count does not
-credit; its defaults (bf16 autocast, gradient checkpointing, fused AdamW, linear decay, lr 1e-6) are overridden
-to match the setup above.
+credit. Without Triton (CPU) that head runs a torch fallback over (positions x whole vocabulary) fp32 tiles, several
+at once, which is where most of TRL's time and memory go at a 32k vocabulary. Its defaults (bf16 autocast, gradient
+checkpointing, fused AdamW, linear decay, lr 1e-6) are overridden to match the setup above.
 
-    python scripts/bench_dpo.py [--model 5m|25m|all] [--repeats 3] [--steps 10] [--warmup 3] [--write]
+    python scripts/bench_dpo.py [--model 5m|25m|all|tiny] [--repeats 3] [--steps 5] [--warmup 2] [--write]
 
-The default (``--model all``, 3 repeats, 3 + 10 steps) starts 2 x 3 x 4 DPO processes, 2 x 3 SFT processes and
-2 matmul processes: about 10-15 minutes on 2 cores (the 25M model dominates; ``--model 25m --repeats 1`` takes
-about 3 minutes). ``--write`` puts the tables into docs/benchmarks.md (section ``dpo``).
+Run time on 2 cores, estimated from single-step runs on a busy machine (the report states the measured time): the
+default (``--model 25m``: 3 repeats x 2 modes x 2 sides = 12 DPO processes, 3 SFT and 2 matmul processes) about
+6-8 minutes, TRL's processes taking most of it; ``--model all`` about 10-12 minutes; ``--model tiny --repeats 1
+--steps 1 --warmup 1 --matmul-size 256`` (a 2-layer, hidden-32 model, to check that everything runs) about a
+minute. ``--write`` puts the report into
+docs/benchmarks.md (section ``dpo``); ``--json PATH`` also saves every measurement.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -97,13 +103,20 @@ CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATAS
              "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
              "WANDB_MODE": "disabled"}
 MFU_TARGET, MFU_MODEL = 0.60, "25m"
+# a smoke-test model (`--model tiny`, tests/test_bench_smoke.py): the whole script in well under a minute
+TINY = BenchModel("tiny", hidden=32, layers=2, heads=4, intermediate=64, vocab=512)
+CHOICES = {**MODELS, "tiny": TINY}
 MODES = {"precomputed": True, "every step": False}  # reference log-probs: precompute_reference / ..._ref_log_probs
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _spec(model: str | dict) -> BenchModel:
-    """A MODELS name, or BenchModel fields as a dict (the smoke test's tiny model)."""
-    return MODELS[model] if isinstance(model, str) else BenchModel(**model)
+def _spec(model: str) -> BenchModel:
+    return CHOICES[model]
+
+
+def describe(spec: BenchModel) -> str:
+    return (f"{spec.name}: hidden {spec.hidden}, {spec.layers} layers, MLP {spec.intermediate}, vocabulary "
+            f"{spec.vocab:,}, {spec.parameters / 1e6:.1f}M parameters")
 
 
 def preference_rows(vocab: int, pairs: int, prompt_len: int, response_len: int, seed: int = 0) -> list[dict]:
@@ -187,7 +200,7 @@ def _result(s_per_step: float, tokens_per_step: int, losses: list[float], traina
             "torch_threads": torch.get_num_threads(), **extra}
 
 
-def dpo_ours(model: str | dict, precompute: bool, steps: int, warmup: int, batch: int, prompt_len: int,
+def dpo_ours(model: str, precompute: bool, steps: int, warmup: int, batch: int, prompt_len: int,
              response_len: int, lr: float, seed: int = 0) -> dict:
     """align's DPO trainer (``build_dpo_trainer``, policy adapter on the bare base as reference)."""
     import datasets
@@ -233,7 +246,7 @@ def dpo_ours(model: str | dict, precompute: bool, steps: int, warmup: int, batch
                    precompute_s=reference_pass["s"] if precompute else None)
 
 
-def dpo_trl(model: str | dict, precompute: bool, steps: int, warmup: int, batch: int, prompt_len: int,
+def dpo_trl(model: str, precompute: bool, steps: int, warmup: int, batch: int, prompt_len: int,
             response_len: int, lr: float, seed: int = 0) -> dict:
     """TRL's ``DPOTrainer`` with a PEFT LoRA ``peft_config`` (reference = the adapter disabled)."""
     import datasets
@@ -289,6 +302,8 @@ def dpo_trl(model: str | dict, precompute: bool, steps: int, warmup: int, batch:
         trainer = Timed(model=base, args=args, train_dataset=texts, processing_class=word_tokenizer(spec.vocab),
                         peft_config=lora, callbacks=[timer])
         setup_s = time.perf_counter() - started
+        if trainer.args.gradient_checkpointing or trainer.args.bf16:
+            raise RuntimeError("TRL kept gradient checkpointing or bf16 on: the runs would not be like for like")
         _check_same_tokens(trainer.train_dataset, rows)
         trainer.train()
     ends = timer.ends
@@ -308,7 +323,7 @@ def _check_same_tokens(dataset, rows: list[dict]) -> None:
             raise RuntimeError(f"TRL's {key} differ from the benchmark's token ids: the comparison would be unfair")
 
 
-def sft_ours(model: str | dict, steps: int, warmup: int, batch: int, prompt_len: int, response_len: int,
+def sft_ours(model: str, steps: int, warmup: int, batch: int, prompt_len: int, response_len: int,
              lr: float, seed: int = 0) -> dict:
     """align's SFT trainer on the sequences of a DPO step (2 x batch rows of prompt + response)."""
     import datasets
@@ -368,6 +383,7 @@ def _run(function: str, kwargs: dict) -> dict:
 
 
 def measure(args) -> dict:
+    started = time.perf_counter()
     names = list(MODELS) if args.model == "all" else [args.model]
     peaks = [_run("matmul_peak", {"size": args.matmul_size})]
     results: dict = {"dpo": {}, "sft": {}}
@@ -383,6 +399,7 @@ def measure(args) -> dict:
         results["sft"][name] = [_run("sft_ours", common) for _ in range(args.repeats)]
     peaks.append(_run("matmul_peak", {"size": args.matmul_size}))
     results["peaks"] = peaks
+    results["minutes"] = (time.perf_counter() - started) / 60
     return results
 
 
@@ -453,56 +470,57 @@ def mfu_table(results: dict, args) -> tuple[float, str]:
 
 
 def report(results: dict, args, info: dict) -> str:
+    """The docs section: setup, the DPO table, the MFU table, what TRL's API forces. Prose wrapped at 115."""
     peak, mfu = mfu_table(results, args)
+    names = list(dict.fromkeys(name for name, _ in results["dpo"]))
     bf16 = max(p["bfloat16_gflops"] for p in results["peaks"])
-    pairs = args.batch * (args.warmup + args.steps)
-    command = (f"python scripts/bench_dpo.py --model {args.model} --repeats {args.repeats} --steps {args.steps} "
-               f"--warmup {args.warmup}{' --write' if args.write else ''}")
     sequences, seq_len = 2 * args.batch, args.prompt_len + args.response_len
-    return f"""## DPO: align vs TRL `DPOTrainer` + PEFT LoRA (`scripts/bench_dpo.py`)
-
-Command: `{command}`, run {info['date']}. Machine: {machine_line(info)}.
-
-Same random-weight Llama on both sides (5m: hidden 64, 4 layers; 25m: hidden 256, 10 layers; vocabulary 32,000),
-LoRA r={LORA_R}, alpha={LORA_ALPHA}, dropout 0 on q/k/v/o/gate/up/down of every layer (not lm_head), the same
-synthetic pairs (prompt {args.prompt_len} tokens, chosen and rejected {args.response_len} each, no padding),
-{args.batch} pairs per step, no accumulation, fp32, AdamW (torch, not fused), constant lr {args.lr:g}, clipping at
-1.0, sigmoid loss, beta {BETA}, reference = the base with the adapter off. Each figure is the median of {args.repeats}
-fresh processes per side, ours and TRL alternating; a process runs {args.warmup} warm-up steps, then {args.steps}
-timed steps. tokens/s counts prompt + chosen + rejected tokens ({args.batch * (args.prompt_len + 2 * args.response_len):,}
-per step); peak RSS is the whole process's VmHWM. The one-off reference pass covers the {pairs} pairs of the run
-({REF_BATCH} pairs per batch on both sides).
-
-{dpo_table(results)}
-
-Model FLOP utilisation: measured matmul peak ({args.matmul_size}³, {results['peaks'][0]['torch_threads']} threads) fp32
-{peak:,.0f} GFLOP/s, bf16 {bf16:,.0f} GFLOP/s. FLOPs per step count the work the method needs, the same for both
-sides: with the frozen-base forward F = 2·N_body·T_seq + 4·L·H·S·T_seq + 2·N_head·T_out, a training step is
-2·F + 6·N_lora·T_seq (forward, backward through the base without base weight gradients, LoRA weight gradients), plus
-F when the reference runs at every step. N_body = L·(4H² + 3H·I), N_head = H·V, T_seq = {sequences * seq_len:,} tokens
-in the forward ({sequences} sequences of S = {seq_len}), T_out = {sequences * args.response_len:,} scored response
-positions. MFU = FLOPs per step / s per step / fp32 peak. The SFT step (`build_sft_trainer`) runs the same
-{sequences} sequences, loss on the response tokens.
-
-{mfu}
-
-Differences TRL's API forces: TRL 1.16's `DPOTrainer` always tokenizes text itself (no pre-tokenized input), so it
-gets the pairs as strings over a local word-level tokenizer of the same 32k vocabulary, and the benchmark checks
-that TRL's token ids equal the ones align trains on; 1.16 has no `max_prompt_length` (`max_length=None`, nothing is
-truncated). On CPU TRL's fused LM head scores every position, the prompt's included, and computes entropy,
-mean-logit and top-1 metrics in the same pass; the FLOP count does not credit that work. TRL's defaults that would
-make the runs unequal are overridden: bf16 autocast (`bf16=False, use_cpu=True`), gradient checkpointing (off),
-fused AdamW (`optim="adamw_torch"`), linear decay (`constant`), lr 1e-6. TRL's per-step logging is off
-(`logging_strategy="no"`); it still computes its metrics every step, as align does.
-"""
+    setup = (
+        f"Same random-weight Llama on both sides ({'; '.join(describe(_spec(name)) for name in names)}), LoRA "
+        f"r={LORA_R}, alpha={LORA_ALPHA}, dropout 0 on q/k/v/o/gate/up/down of every layer (not lm_head), the same "
+        f"synthetic pairs (prompt {args.prompt_len} tokens, chosen and rejected {args.response_len} each, no "
+        f"padding), {args.batch} pairs per step, no accumulation, fp32, AdamW (torch's, not fused), constant lr "
+        f"{args.lr:g}, clipping at 1.0, sigmoid loss, beta {BETA}, reference = the base with the adapter off. "
+        f"Figures are medians over {args.repeats} fresh process(es) per side, ours and TRL alternating; a process "
+        f"runs {args.warmup} untimed then {args.steps} timed steps. tokens/s counts prompt + chosen + rejected "
+        f"tokens ({args.batch * (args.prompt_len + 2 * args.response_len):,} per step); peak RSS is the whole "
+        f"process's VmHWM. The one-off reference pass covers the run's {args.batch * (args.warmup + args.steps)} "
+        f"pairs, {REF_BATCH} pairs per batch on both sides.")
+    flops = (
+        f"Model FLOP utilisation: measured matmul peak ({args.matmul_size}³, "
+        f"{results['peaks'][0]['torch_threads']} threads) fp32 {peak:,.0f} GFLOP/s, bf16 {bf16:,.0f} GFLOP/s. "
+        "FLOPs per step count the work the method needs, the same for both sides: with the frozen-base forward "
+        "F = 2·N_body·T_seq + 4·L·H·S·T_seq + 2·N_head·T_out, a training step is 2·F + 6·N_lora·T_seq (forward, "
+        "backward through the base without base weight gradients, LoRA weight gradients), plus F when the "
+        "reference runs at every step. N_body = L·(4H² + 3H·I), N_head = H·V, N_lora = the LoRA weights, "
+        f"T_seq = {sequences * seq_len:,} tokens in the forward ({sequences} sequences of S = {seq_len}), "
+        f"T_out = {sequences * args.response_len:,} scored response positions. MFU = FLOPs per step / s per step / "
+        "fp32 peak. The SFT step (align's `build_sft_trainer`) runs the same sequences, loss on the response tokens.")
+    differences = (
+        "Differences TRL's API forces: TRL 1.16's `DPOTrainer` always tokenizes text itself (no pre-tokenized "
+        "input), so it gets the pairs as strings over a local word-level tokenizer of the same vocabulary, and the "
+        "benchmark checks that TRL's token ids equal the ones align trains on; 1.16 has no `max_prompt_length` "
+        "(`max_length=None`: nothing is truncated). On CPU (no Triton) TRL's fused LM head scores every position, "
+        "the prompt's included, over the whole vocabulary at once in fp32 torch tiles, and computes entropy, "
+        "mean-logit and top-1 metrics in the same pass; this is where most of TRL's time and memory go at a 32k "
+        "vocabulary, and the FLOP count does not credit it. TRL's defaults that would make the runs unequal are "
+        "overridden: bf16 autocast (`bf16=False, use_cpu=True`), gradient checkpointing (off), fused AdamW "
+        "(`optim=\"adamw_torch\"`), linear decay (`constant`), lr 1e-6. TRL's logging is off "
+        "(`logging_strategy=\"no\"`); it still computes its metrics at every step, as align does.")
+    header = (f"Command: `{args.command}`, run {info['date']} ({results['minutes']:.1f} min). "
+              f"Machine: {machine_line(info)}.")
+    prose = [textwrap.fill(text, 115, break_on_hyphens=False) for text in (header, setup, flops, differences)]
+    return "\n\n".join(["## DPO: align vs TRL `DPOTrainer` + PEFT LoRA (`scripts/bench_dpo.py`)",
+                         prose[0], prose[1], dpo_table(results), prose[2], mfu, prose[3]]) + "\n"
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="all", choices=[*MODELS, "all"])
+    parser.add_argument("--model", default="25m", choices=[*CHOICES, "all"],
+                        help="a benchmark model, 'all' of them (5m and 25m), or 'tiny' to check the script runs")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process, before the timed ones")
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--response-len", type=int, default=64)
@@ -511,6 +529,7 @@ def parse(argv=None):
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "scripts/bench_dpo.py", *(sys.argv[1:] if argv is None else argv)])
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be >= 1 (the first step is never timed)")
     return args

@@ -23,7 +23,8 @@ the parameter count on the size axis.
 
     python scripts/bench_scaling.py [--repeats 3] [--steps 6] [--write]
 
-Expected time on 2 cores with the defaults: about 3 minutes (5 points x 3 repeats = 15 processes of ~10 s).
+Expected time on 2 quiet cores with the defaults: about 3-4 minutes (5 points x 3 repeats = 15 processes of
+10-15 s: ~8 s of imports, building and precomputing the reference, then 7 steps of 0.1-0.5 s).
 """
 
 from __future__ import annotations
@@ -181,9 +182,10 @@ def report(args, info: dict, points: dict[tuple[int, int], list[dict]], seconds:
         f"align's DPO trainer (`build_dpo_trainer`, policy = trainable copy of a frozen LoRA r={RANK} alpha={ALPHA} "
         "all-linear \"sft\" adapter, which is also the reference; reference log-probs precomputed; sigmoid loss; "
         f"AdamW; fp32) on Llama models with a 32k vocabulary and {LAYERS} layers. One step = `train_step()` on "
-        f"{args.pairs} pairs ({2 * args.pairs} sequences of a {args.prompt}-token prompt + an L-token response). "
+        f"{args.pairs} preference pair(s) ({2 * args.pairs} sequences of a {args.prompt}-token prompt + an L-token "
+        "response). "
         f"Time: median of {args.steps} steps after {args.warmup} warm-up, median over {args.repeats} fresh "
-        "processes per point. Step memory: high-water mark during the steps minus the RSS before them. Above "
+        "process(es) per point. Step memory: high-water mark during the steps minus the RSS before them. Above "
         "runtime: the process's peak RSS minus its RSS after imports (weights, adapters, precomputation, step). "
         f"Length axis: hidden {FIXED_HIDDEN} (the `5m` model); size axis: L = {args.fixed_length}.",
         "",

@@ -8,8 +8,7 @@ import pytest
 from scripts import bench_dpo  # light: each measurement imports what it needs (align, or trl and peft)
 from scripts.bench_common import Comparison
 
-TINY = {"name": "tiny", "hidden": 32, "layers": 2, "heads": 4, "intermediate": 64, "vocab": 512}
-SETTINGS = {"model": TINY, "steps": 1, "warmup": 1, "batch": 2, "prompt_len": 8, "response_len": 8, "lr": 1e-3}
+SETTINGS = {"model": "tiny", "steps": 1, "warmup": 1, "batch": 2, "prompt_len": 8, "response_len": 8, "lr": 1e-3}
 
 
 @pytest.mark.slow
@@ -42,7 +41,7 @@ def test_sft_and_matmul_measurements_and_the_report():
 
     results = {"dpo": {("5m", mode): Comparison([run(0.1, 800, 1.0)], [run(0.2, 1000, 2.0)])
                        for mode in bench_dpo.MODES},
-               "sft": {"5m": [run(0.1, 700, None)]}, "peaks": [{**peak, "float32_gflops": 100.0}]}
+               "sft": {"5m": [run(0.1, 700, None)]}, "peaks": [{**peak, "float32_gflops": 100.0}], "minutes": 1.0}
     args = bench_dpo.parse(["--model", "5m"])
     text = bench_dpo.report(results, args, {**_machine(), "date": "2026-01-01"})
     assert "2.00 (met)" in text and "0.80 (met)" in text  # tokens/s ours/TRL, RSS ours/TRL
