@@ -51,7 +51,12 @@ CHECKPOINT_TAG = "engine"
 def init_distributed() -> None:
     """Join the process group (gloo on CPU). A process started without a launcher (no ``WORLD_SIZE`` in the
     environment) forms a group of one on a free local port."""
-    if dist.is_initialized():
+    if dist.is_initialized():  # joined already (Ray Train, an earlier engine in this process): DeepSpeed still
+        # reads the rank variables from the environment, which whoever made the group may not have set or kept
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"] if dist.get_world_size() == 1 else
+                              str(dist.get_rank() % max(torch.cuda.device_count(), 1)))
         return
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
