@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from align.config import DataConfig
-from align.config.build import as_dict
 from align.models.device import device_of
 
 from .context import StageContext, StageResult, barrier, rank
@@ -56,11 +55,9 @@ def _prompt_texts(path: str, key: str, limit: int | None = None) -> list[str]:
 def run_base(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     if cfg.embedded:
-        from align.data.synthetic import EmbeddedTaskConfig
-        from align.models.embedded import EmbeddedBaseConfig, build_embedded_base
+        from align.models.embedded import build_embedded_base
 
-        info = build_embedded_base(EmbeddedTaskConfig(**as_dict(cfg.data.embedded)),
-                                   EmbeddedBaseConfig(**as_dict(cfg.model.embedded)))
+        info = build_embedded_base(cfg.data.embedded, cfg.model.embedded)
         metrics = {k: v for k, v in info.report.items() if isinstance(v, (int, float))}
         model_dir, data_dir = info.model_dir, info.data_dir
     else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from .build import UnknownKeyError, as_dict, build, convert, suggest, unknown_key
+from .embedded import EmbeddedBaseConfig, EmbeddedTaskConfig
 from .errors import ConfigError
 from .methods import DPOConfig, RewardConfig, SFTConfig
 from .rl import RLConfig
@@ -39,22 +40,6 @@ class PipelineSpec:
 
 
 @dataclass(frozen=True)
-class EmbeddedBaseSpec:
-    """Architecture and pretraining budget of the embedded tiny base (``model.path=null``)."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    intermediate_size: int = 384
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    steps: int = 700
-    batch_size: int = 16
-    block_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 40
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """``model.path``: a local transformers model directory; null builds (once, cached) the embedded task's tiny
     base. ``target_modules``: the layers adapters wrap ('all-linear', a list of names, or a regex). ``device``:
@@ -66,22 +51,7 @@ class ModelSpec:
     dtype: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     target_modules: str | list[str] = "all-linear"
-    embedded: EmbeddedBaseSpec = field(default_factory=EmbeddedBaseSpec)
-
-
-@dataclass(frozen=True)
-class EmbeddedTaskSpec:
-    """Sizes of the embedded task's generated splits (see ``align.data.synthetic``)."""
-
-    seed: int = 0
-    n_pretrain: int = 30000
-    n_pretrain_eval: int = 1000
-    n_sft: int = 3000
-    n_preferences: int = 20000
-    n_preferences_eval: int = 500
-    n_prompts: int = 2000
-    n_eval_prompts: int = 300
-    bt_temperature: float = 0.1
+    embedded: EmbeddedBaseConfig = field(default_factory=EmbeddedBaseConfig)
 
 
 @dataclass(frozen=True)
@@ -104,7 +74,7 @@ class DataSpec:
     cache_dir: str | None = None
     sft_eval_rows: int = 200
     rm_eval_rows: int = 500
-    embedded: EmbeddedTaskSpec = field(default_factory=EmbeddedTaskSpec)
+    embedded: EmbeddedTaskConfig = field(default_factory=EmbeddedTaskConfig)
 
 
 @dataclass(frozen=True)

@@ -19,27 +19,10 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from align.data.synthetic import WORLD_VERSION, EmbeddedTaskConfig, build_tokenizer, write_splits
+from align.config.embedded import EmbeddedBaseConfig, EmbeddedTaskConfig
+from align.data.synthetic import WORLD_VERSION, build_tokenizer, write_splits
 
 BUILD_REPORT = "build.json"
-
-
-@dataclass(frozen=True)
-class EmbeddedBaseConfig:
-    """Architecture and pretraining budget of the tiny base (defaults: ~0.9M parameters, about 2 minutes on
-    2 CPU cores). ``block_size`` is the packed pretraining sequence length."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    intermediate_size: int = 384
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    steps: int = 700
-    batch_size: int = 16
-    block_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 40
-    seed: int = 0
 
 
 @dataclass(frozen=True)

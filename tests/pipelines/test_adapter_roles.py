@@ -37,23 +37,9 @@ PEFT_TYPE = {"lora": "LORA", "dora": "LORA", "rslora": "LORA", "ia3": "IA3", "pr
 LORA_FLAGS = {"lora": (False, False), "dora": (True, False), "rslora": (False, True)}
 
 
-@pytest.fixture(scope="module")
-def align_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("align-cache")
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _environment(align_cache, tmp_path_factory):
-    """ALIGN_CACHE in a temp dir shared by the module (the base is built once); the W&B directories the in-process
-    stages would otherwise set for the whole process; torch's thread count restored afterwards."""
-    threads = torch.get_num_threads()
-    wandb = tmp_path_factory.mktemp("wandb")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ALIGN_CACHE", str(align_cache))
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            mp.setenv(var, str(wandb))
-        yield
-    torch.set_num_threads(threads)
+def _environment(pipeline_environment):
+    yield
 
 
 @pytest.fixture(scope="module")

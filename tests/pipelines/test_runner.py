@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from align.config.compose import compose_run_config
@@ -18,40 +17,17 @@ from pipelines import stages as stage_module
 from pipelines.manifest import Manifest, hash_path
 from pipelines.runner import StageFailed, run_pipeline, stage_digests
 
-# an ~80k-parameter base (built once per session in the ALIGN_CACHE below) and a few steps per stage
-TINY = (
-    "model.embedded.steps=30 model.embedded.hidden_size=64 model.embedded.intermediate_size=128 "
-    "model.embedded.num_layers=2 data.embedded.n_pretrain=2000 data.embedded.n_pretrain_eval=100 "
-    "data.embedded.n_sft=300 data.embedded.n_preferences=400 data.embedded.n_preferences_eval=50 "
-    "data.embedded.n_prompts=64 data.embedded.n_eval_prompts=16 data.sft_eval_rows=32 data.rm_eval_rows=50 "
-    "trainer.sft.max_steps=6 trainer.sft.save_every=3 trainer.sft.micro_batch_size=8 trainer.rm.max_steps=6 "
-    "trainer.rm.micro_batch_size=8 trainer.dpo.max_steps=6 trainer.dpo.save_every=3 "
-    "trainer.dpo.micro_batch_size=8 trainer.dpo.pair_prompts=32 trainer.ppo.max_steps=2 "
-    "trainer.ppo.rollout.prompts_per_step=8 trainer.grpo.max_steps=2 trainer.grpo.rollout.prompts_per_step=4 "
-    "eval.prompts=16 eval.max_new_tokens=24 tracking.wandb=off ray.enabled=false resources.num_cpus=1"
-).split()
+from .tiny import TINY as TINY_OVERRIDES
+
+TINY = [*TINY_OVERRIDES, "tracking.wandb=off", "ray.enabled=false"]
 DPO_STAGES = ["base", "sft", "dpo", "eval"]
 SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
-@pytest.fixture(scope="session")
-def align_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("align-cache")
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _environment(align_cache, tmp_path_factory):
-    """ALIGN_CACHE in a temp dir shared by the session (the base is built once); the W&B directories that the
-    in-process stages would otherwise set for the whole process; torch's thread count restored afterwards."""
-    threads = torch.get_num_threads()
-    wandb = tmp_path_factory.mktemp("wandb")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ALIGN_CACHE", str(align_cache))
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            mp.setenv(var, str(wandb))
-        yield
-    torch.set_num_threads(threads)
+def _environment(pipeline_environment):
+    yield
 
 
 def run(run_dir: Path, *overrides: str) -> tuple[Manifest, list[str]]:

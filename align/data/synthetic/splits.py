@@ -12,36 +12,14 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from align.config.embedded import EmbeddedTaskConfig
 
 from .scorer import score
 from .world import ReviewWorld
 
 WORLD_VERSION = 2  # bump when the lexicon, grammar or scorer changes: it keys every cache
-
-
-@dataclass(frozen=True)
-class EmbeddedTaskConfig:
-    """Sizes of the generated splits; ``bt_temperature`` is the Bradley-Terry label noise of the preference pairs:
-    P(a preferred over b) = sigmoid((score_a - score_b) / bt_temperature); 0 gives noise-free labels."""
-
-    seed: int = 0
-    n_pretrain: int = 30000
-    n_pretrain_eval: int = 1000
-    n_sft: int = 3000
-    n_preferences: int = 20000
-    n_preferences_eval: int = 500
-    n_prompts: int = 2000
-    n_eval_prompts: int = 300
-    bt_temperature: float = 0.1
-
-    def __post_init__(self) -> None:
-        for key, value in asdict(self).items():
-            if key != "bt_temperature" and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"task.{key}={value!r}: expected a non-negative integer")
-        if self.bt_temperature < 0:
-            raise ValueError(f"task.bt_temperature={self.bt_temperature!r}: expected >= 0 (0 = noise-free labels)")
 
 
 def preference_pair(world: ReviewWorld, rng: random.Random, temperature: float) -> dict:
