@@ -64,32 +64,20 @@ import textwrap
 import time
 from pathlib import Path
 
-try:  # `python -m scripts.bench_dpo` (how isolated() starts the children) or imported by the tests
-    from scripts.bench_common import (
-        MODELS,
-        BenchModel,
-        Comparison,
-        alternate,
-        child_main,
-        isolated,
-        machine_info,
-        machine_line,
-        table,
-        write_section,
-    )
-except ModuleNotFoundError:  # `python scripts/bench_dpo.py`
-    from bench_common import (
-        MODELS,
-        BenchModel,
-        Comparison,
-        alternate,
-        child_main,
-        isolated,
-        machine_info,
-        machine_line,
-        table,
-        write_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, whether run as a file or with -m
+
+from bench_common import (  # noqa: E402
+    MODELS,
+    BenchModel,
+    Comparison,
+    alternate,
+    child_main,
+    isolated,
+    machine_info,
+    machine_line,
+    table,
+    write_section,
+)
 
 MODULE = "scripts.bench_dpo"
 LORA_R, LORA_ALPHA = 16, 32
