@@ -71,6 +71,8 @@ from bench_common import (  # noqa: E402
     isolated,
     machine_info,
     machine_line,
+    reset_peak,
+    status_mib,
     table,
     write_section,
 )
@@ -84,22 +86,6 @@ DEFAULT_METHODS = ("lora", "dora", "lora-nf4")
 
 
 # ------------------------------------------------------------------------------------------------ child side
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _ours(base, dora: bool):
     import torch
 
@@ -150,7 +136,7 @@ def measure(side: str, model: str, dora: bool, quant: str | None, batch: int, se
     import torch
     from transformers import LlamaForCausalLM  # noqa: F401 - the runtime every side needs, before the baseline
 
-    rss_runtime = _status_mib("VmRSS")
+    rss_runtime = status_mib("VmRSS")
     bench = MODELS[model]
     base = bench.build(seed=0)
     if quant:
@@ -175,8 +161,8 @@ def measure(side: str, model: str, dora: bool, quant: str | None, batch: int, se
     net.train()
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None
     ids = torch.randint(3, bench.vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-    rss_built, build_peak = _status_mib("VmRSS"), _status_mib("VmHWM")
-    reset = _reset_peak()
+    rss_built, build_peak = status_mib("VmRSS"), status_mib("VmHWM")
+    reset = reset_peak()
 
     times, losses = [], []
     for i in range(warmup + steps):
@@ -191,7 +177,7 @@ def measure(side: str, model: str, dora: bool, quant: str | None, batch: int, se
         losses.append(loss.item())
         if i >= warmup:
             times.append(elapsed)
-    step_peak = _status_mib("VmHWM")
+    step_peak = status_mib("VmHWM")
     return {"side": side, "dora": dora, "quant": quant, "step_s": statistics.median(times),
             "steps_s": [round(t, 4) for t in times], "loss0": losses[0],
             "trainable": sum(p.numel() for p in params),

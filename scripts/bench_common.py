@@ -118,6 +118,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def status_mib(key: str) -> float:
+    """A /proc/self/status memory figure in MiB: ``VmRSS`` (now) or ``VmHWM`` (peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def isolated(module: str, function: str, kwargs: dict, env: dict | None = None, timeout: int = 1800,
              python: str | Path | None = None) -> dict:
     """Run ``module.function(**kwargs)`` in a fresh Python process and return its JSON result (with peak RSS).

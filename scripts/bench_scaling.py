@@ -45,6 +45,8 @@ from bench_common import (  # noqa: E402
     isolated,
     machine_info,
     machine_line,
+    reset_peak,
+    status_mib,
     table,
     write_section,
 )
@@ -63,21 +65,6 @@ def bench_model(hidden: int) -> BenchModel:
 
 
 # ------------------------------------------------------------------------------------------------ child side
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def preference_rows(n: int, prompt: int, length: int, vocab: int) -> list[dict]:
     """``n`` rows of random tokens: a ``prompt``-token prompt, chosen and rejected responses of ``length`` tokens."""
     import torch
@@ -104,7 +91,7 @@ def measure_point(hidden: int, length: int, prompt: int, pairs: int, steps: int,
     from align.config.trainer import LoopConfig, OptimizerConfig
     from align.trainers.dpo import build_dpo_trainer
 
-    rss_runtime = _status_mib("VmRSS")
+    rss_runtime = status_mib("VmRSS")
     bench = bench_model(hidden)
     model = AdapterModel(bench.build(seed=0))
     torch.manual_seed(1)
@@ -117,8 +104,8 @@ def measure_point(hidden: int, length: int, prompt: int, pairs: int, steps: int,
                                     LoopConfig(max_steps=warmup + steps, micro_batch_size=pairs, progress=False),
                                     OptimizerConfig(lr=LR), out_dir)
         model.train()
-        rss_built, build_peak = _status_mib("VmRSS"), _status_mib("VmHWM")
-        reset = _reset_peak()
+        rss_built, build_peak = status_mib("VmRSS"), status_mib("VmHWM")
+        reset = reset_peak()
         times, losses = [], []
         for i in range(warmup + steps):
             start = time.perf_counter()
@@ -127,7 +114,7 @@ def measure_point(hidden: int, length: int, prompt: int, pairs: int, steps: int,
             losses.append(metrics["loss"])
             if i >= warmup:
                 times.append(elapsed)
-        step_peak = _status_mib("VmHWM")
+        step_peak = status_mib("VmHWM")
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     trainable = sum(p.numel() for p in model.adapter_parameters("policy"))
