@@ -21,7 +21,6 @@ stderr. Usage and config errors exit with status 2.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from align.config.build import suggest
 
 USAGE = __doc__
 
@@ -58,8 +59,7 @@ class Option:
 
 
 def _suggest(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return suggest(word, candidates, cutoff=0.5)
 
 
 def _convert(key: str, raw: str, option: Option) -> Any:
@@ -108,6 +108,14 @@ def is_load_error(exc: BaseException) -> bool:
     from align.adapters import AdapterError
 
     return isinstance(exc, (AdapterError, OSError))
+
+
+def report_error(exc: Exception) -> int:
+    """Print a usage or load error without a traceback and return the exit status (2 or 1); re-raise the rest."""
+    if not isinstance(exc, UsageError) and not is_load_error(exc):
+        raise exc
+    print(f"error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, UsageError) else 1
 
 
 def wants_help(argv: Sequence[str]) -> bool:
@@ -307,14 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out, peft_type = export_adapter(source, out)
             print("\n".join(loading_notes(source, out, peft_type)), file=sys.stderr)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        if not is_load_error(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc)
     print(out)
     return 0
 

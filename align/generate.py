@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from align.export import Option, UsageError, is_load_error, parse_options, resolve_stage, wants_help
+from align.export import Option, UsageError, parse_options, report_error, resolve_stage, wants_help
 
 USAGE = __doc__
 
@@ -91,14 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         source = resolve_stage(opts["run.dir"], opts["stage"], policy_only=True, purpose="generate text")
         print(f"sampling from the {source.stage} adapter of {source.run_dir} ...", file=sys.stderr)
         responses = generate(source, prompts, opts)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        if not is_load_error(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc)
     if opts["prompts_file"] is None:
         for i, response in enumerate(responses[0]):
             if len(responses[0]) > 1:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import itertools
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -159,17 +158,9 @@ def run_sweep(spec: SweepSpec, common: list[str], sweep_dir: Path, log=print) ->
                                       "ray.enabled=false", f"pipeline.stages=[{','.join(shared)}]"]
         run_pipeline(compose_run_config(prefix), log=lambda line: log(f"[shared] {line}"), report=False)
     cpus = configs[0].resources.num_cpus or 1
-    started = not ray.is_initialized()
-    if started:
-        address = configs[0].ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            from pipelines.executors import _ray_temp_dir
+    from pipelines.executors import start_ray
 
-            ray.init(num_cpus=configs[0].ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                     _temp_dir=_ray_temp_dir(sweep_dir.resolve()), _node_ip_address="127.0.0.1",
-                     configure_logging=False)
+    started = start_ray(configs[0], sweep_dir)
     try:
         tuner = tune.Tuner(
             tune.with_resources(_run_trial, {"cpu": cpus}),

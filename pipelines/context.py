@@ -3,6 +3,7 @@ load the one frozen base with the adapters of earlier stages switched in as role
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -108,30 +109,28 @@ class StageContext:
         tmp = self.dir / f".{subdir}.tmp"
         stage = self.cfg.trainer.get(self.stage)
         # ZeRO-3 partitions the weights even on one rank: gather whenever the stage trained through DeepSpeed
-        if distributed() or (stage is not None and stage.loop.deepspeed is not None):
+        sharded = distributed() or (stage is not None and stage.loop.deepspeed is not None)
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if sharded:
             import deepspeed
-            import torch.distributed as dist
 
             from align.distributed.deepspeed import save_adapter_gathered
 
-            if rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
             save_adapter_gathered(model, name, tmp)
-            if head is not None:
-                with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
-                    if rank() == 0:
-                        head.save(tmp)
-            if rank() == 0:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-            dist.barrier()
-            return self.rel(final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_adapter(name, tmp)
+            gathered = deepspeed.zero.GatheredParameters(list(head.parameters()) if head is not None else [],
+                                                         modifier_rank=None)
+        else:
+            model.save_adapter(name, tmp)
+            gathered = contextlib.nullcontext()
         if head is not None:
-            head.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+            with gathered:
+                if rank() == 0:
+                    head.save(tmp)
+        if rank() == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        barrier()
         return self.rel(final)
 
     def loop(self, stage: str | None = None):

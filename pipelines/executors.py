@@ -41,21 +41,30 @@ def _ray_temp_dir(run_dir: Path) -> str:
     return os.path.join(tempfile.gettempdir(), f"align-ray-{tag}")
 
 
+def start_ray(cfg: RunConfig, run_dir: Path) -> bool:
+    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start a local Ray sized for the machine on 127.0.0.1 with
+    a temp dir of ``run_dir``'s own. False when Ray was running in this process already (the caller then leaves
+    it running)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                 _temp_dir=_ray_temp_dir(Path(run_dir).resolve()), _node_ip_address="127.0.0.1",
+                 log_to_driver=True, configure_logging=False)
+    return True
+
+
 class RayExecutor:
     def __init__(self, cfg: RunConfig) -> None:
         import ray
 
         self.ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, log_to_driver=True)
-            else:
-                ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                         _temp_dir=_ray_temp_dir(Path(cfg.run_dir).resolve()), _node_ip_address="127.0.0.1",
-                         log_to_driver=True, configure_logging=False)
-            self.started = True
+        self.started = start_ray(cfg, Path(cfg.run_dir))
         self.remote = ray.remote(execute_stage)
 
     def _cpus(self, cfg: RunConfig) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from align.config import DataConfig
@@ -149,7 +149,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
     st = ctx.cfg.trainer["dpo"]
     has_sft = ctx.upstream("sft")
     model, tok = ctx.load_model(("sft",) if has_sft else ())
-    method = st.method if has_sft else _replace(st.method, reference=None)
+    method = st.method if has_sft else replace(st.method, reference=None)
     metrics: dict = {}
     if st.extras.pairs == "onpolicy":
         pairs_file = ctx.dir / "pairs.jsonl"
@@ -185,12 +185,6 @@ def run_dpo(ctx: StageContext) -> StageResult:
     return StageResult(metrics, artifacts, {**inputs, **_inputs(eval_path)})
 
 
-def _replace(obj, **changes):
-    from dataclasses import replace
-
-    return replace(obj, **changes)
-
-
 # ------------------------------------------------------------------------------------------------ rl
 def run_rl(ctx: StageContext) -> StageResult:
     from align.data import prepare_prompts
@@ -205,7 +199,7 @@ def run_rl(ctx: StageContext) -> StageResult:
     has_sft = ctx.upstream("sft")
     uses_model = st.extras.reward == "model"
     model, tok = ctx.load_model(tuple(s for s in ("sft", "rm") if ctx.upstream(s) and (s == "sft" or uses_model)))
-    method = st.method if has_sft else _replace(st.method, reference=None)
+    method = st.method if has_sft else replace(st.method, reference=None)
     reward = ({"reward_head": ScalarHead.load(ctx.manifest.artifact("rm", "adapter")).to(device_of(model))}
               if uses_model
               else {"reward_fn": get_reward_function(st.extras.reward)})
@@ -234,6 +228,7 @@ def policy_stage(stages: tuple[str, ...]) -> str:
 def run_eval(ctx: StageContext) -> StageResult:
     import torch
 
+    from align.config.rl import RolloutConfig
     from align.models.forward import response_token_logps
     from align.models.generate import encode_prompts
     from align.trainers.reward_model import sequence_rewards
@@ -245,10 +240,7 @@ def run_eval(ctx: StageContext) -> StageResult:
     stages = cfg.pipeline.stages
     policy = policy_stage(stages[: stages.index("eval")])
     reference = "sft" if policy != "sft" and "sft" in stages else None
-    reward_name = ev.reward if ev.reward != "auto" else ("ground_truth" if cfg.embedded else "model")
-    if reward_name == "model" and "rm" not in stages:
-        raise ValueError("eval.reward=model needs the 'rm' stage in the pipeline; or set eval.reward to a reward "
-                         "function's name")
+    reward_name = cfg.eval_reward  # validated: 'model' only with an rm stage
     loaded = [s for s in ("sft", "rm") if s in stages and (s == "sft" or reward_name == "model")]
     model, tok = ctx.load_model(tuple(loaded))
     if policy != "sft":
@@ -257,8 +249,6 @@ def run_eval(ctx: StageContext) -> StageResult:
     path = ctx.data_path("eval_prompts", "eval_prompts.jsonl")
     prompts = _prompt_texts(path, "data.eval_prompts", ev.prompts)
     prompt_ids = encode_prompts(tok, prompts)
-    from align.config.rl import RolloutConfig
-
     rollout_cfg = RolloutConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                 generation_batch_size=64)
     head = None

@@ -21,9 +21,9 @@ from .errors import ConfigError
 _NONE = type(None)
 
 
-def suggest(name: str, choices: Iterable[str]) -> str:
+def suggest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """``"; did you mean 'beta'?"`` for the closest choice, or an empty string."""
-    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=cutoff)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 

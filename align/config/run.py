@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from .build import UnknownKeyError, as_dict, build, convert, suggest, unknown_key
 from .embedded import EmbeddedBaseConfig, EmbeddedTaskConfig
@@ -260,8 +260,13 @@ class RunConfig:
             return os.path.join("runs", f"wandb-{sweep}", run)
         return os.path.join("runs", self.pipeline.name)
 
-    def stage(self, name: str) -> StageTrainer:
-        return self.trainer[name]
+    @property
+    def eval_reward(self) -> str:
+        """What scores the evaluation: ``eval.reward``, where 'auto' is the ground truth on the embedded task and
+        the reward model otherwise."""
+        if self.eval.reward != "auto":
+            return self.eval.reward
+        return "ground_truth" if self.embedded else "model"
 
     def adapter_settings(self, stage: str) -> dict:
         """The adapter group merged with ``trainer.<stage>.adapter`` overrides, targets filled from the model."""
@@ -336,16 +341,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("pipeline.stages", list(stages), "a list starting with 'base' (it provides the model)")
     if len(set(stages)) != len(stages):
         raise ConfigError("pipeline.stages", list(stages), "each stage at most once")
-    needs = {"rm": ("sft",), "dpo": (), "ppo": (), "grpo": (), "rloo": (), "sft": (), "eval": ()}
-    for i, stage in enumerate(stages[1:], 1):
-        missing = [n for n in needs.get(stage, ()) if n not in stages[:i]]
-        if stage == "rm" and cfg.trainer["rm"].extras.init != "sft":
-            missing = []
-        if stage in RL_STAGES and cfg.trainer[stage].extras.reward == "model" and "rm" not in stages[:i]:
-            missing = ["rm"]
-        if missing:
-            raise ConfigError("pipeline.stages", list(stages), f"the stage {stage!r} after {missing} (it reads "
-                              f"their artifacts){' or trainer.' + stage + '.reward=ground_truth' if missing == ['rm'] else ''}")
+    for i, stage in enumerate(stages[1:], 1):  # a stage that reads another's artifacts comes after it
+        needed = None
+        if stage == "rm" and cfg.trainer["rm"].extras.init == "sft":
+            needed, hint = "sft", ""
+        elif stage in RL_STAGES and cfg.trainer[stage].extras.reward == "model":
+            needed, hint = "rm", f" or trainer.{stage}.reward=ground_truth"
+        if needed is not None and needed not in stages[:i]:
+            raise ConfigError("pipeline.stages", list(stages),
+                              f"the stage {stage!r} after ['{needed}'] (it reads their artifacts){hint}")
     if "eval" in stages and stages[-1] != "eval":
         raise ConfigError("pipeline.stages", list(stages), "'eval' as the last stage")
     policy = [s for s in stages if s in POLICY_STAGES]
@@ -359,8 +363,6 @@ def validate(cfg: RunConfig) -> None:
                               "no overrides when an 'sft' stage runs first: the policy starts as a copy of the SFT "
                               "adapter (set adapter.* or trainer.sft.adapter.* instead)")
     if not cfg.embedded:
-        if cfg.model.path and not os.path.isabs(cfg.model.path) and not os.path.exists(cfg.model.path):
-            pass  # a hub name: loading says if it cannot be reached
         needed = {"sft": "sft", "rm": "preferences", "ppo": "prompts", "grpo": "prompts", "rloo": "prompts"}
         if "dpo" in stages:
             needed["dpo"] = "prompts" if cfg.trainer["dpo"].extras.pairs == "onpolicy" else "preferences"
@@ -428,8 +430,7 @@ def _check_rewards(cfg: RunConfig, stages: tuple[str, ...]) -> None:
         uses.append(("trainer.dpo.pair_reward", cfg.trainer["dpo"].extras.pair_reward))
     uses += [(f"trainer.{s}.reward", cfg.trainer[s].extras.reward) for s in RL_STAGES if s in stages]
     if "eval" in stages:
-        name = cfg.eval.reward
-        uses.append(("eval.reward", name if name != "auto" else ("ground_truth" if cfg.embedded else "model")))
+        uses.append(("eval.reward", cfg.eval_reward))
     functions = None
     for key, name in uses:
         if name == "model":
@@ -477,6 +478,3 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
         out["eval"] = as_dict(cfg.eval)
     return out
 
-
-def choices_of(literal) -> tuple:
-    return get_args(literal)
