@@ -4,7 +4,7 @@ LoRA (Hu et al. 2021): y = W x + b + s * B A dropout(x), A (r, in), B (out, r), 
 rsLoRA (Kalajdzievski 2023): s = alpha / sqrt(r), which keeps the update's scale stable as r grows.
 DoRA (Liu et al. 2024, eq. 5): W' = m * (W + s B A) / ||W + s B A||_c with a learned magnitude m (out,), the
 column norm taken per output unit over the input dimension; the norm is detached from the graph as in the paper's
-section 4.3, so y = (m / n - 1) W x + (m / n) s B A x + W x + b with n = ||W + s B A|| treated as a constant.
+section 4.3, so y = (m / n) (W + s B A) x + b with n = ||W + s B A|| treated as a constant.
 """
 
 from __future__ import annotations
@@ -176,14 +176,21 @@ class DoraModule(LoraModule):
         dtype = self.lora_A.weight.dtype
         weight = bl.dense_weight(base_layer).to(dtype)
         x_in = self.dropout(x.to(dtype))
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            bias = getattr(base_layer, "bias", None)
-            base_out = (result - bias if bias is not None else result).to(dtype)  # W x, reused
-        else:
-            base_out = nn.functional.linear(x_in, weight)  # W dropout(x): the dropped input feeds both terms
+        bias = getattr(base_layer, "bias", None)
         scale = self.lora_magnitude_vector / self._weight_norm(weight)  # (out,)
         lora_out = self.lora_B(self.lora_A(x_in)) * self.scaling
-        update = (scale - 1) * base_out + scale * lora_out
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            # y = m / n * (W + s B A) x + b: one (B, T, out) tensor, z, is kept for backward (the two-term form
+            # (m/n - 1) W x + (m/n) s B A x keeps both W x and s B A x alive until backward).
+            z = (result - bias if bias is not None else result).to(dtype) + lora_out
+            out = scale * z
+            own_bias = self.bias if self.bias is not None else bias
+            if own_bias is not None:
+                out = out + own_bias.to(dtype)
+            return out.to(result.dtype)
+        base_out = nn.functional.linear(x_in, weight)  # W dropout(x): the dropped input feeds both terms
+        # y = W x + b + m / n * (W + s B A) dropout(x) - W dropout(x)
+        update = scale * (base_out + lora_out) - base_out
         if self.bias is not None:
             update = update + self._bias_shift(base_layer)
         return result + update.to(result.dtype)
