@@ -118,10 +118,14 @@ class LoraModule(AdapterModule):
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         result = base_layer(x)
         x = self.dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(x)) * self.scaling
+        # the scale multiplies the rank-r intermediate, not the (B, T, out) output: one pass over r columns
+        update = self.lora_B(self.lora_A(x) * self.scaling)
         if self.bias is not None:  # skipped otherwise: adding 0 would allocate another (B, T, out) tensor
             update = update + self._bias_shift(base_layer)
-        return result + update.to(result.dtype)
+        # in place: the base layer's output is a fresh tensor no backward reads (a linear saves its input, not its
+        # output), so this saves a (B, T, out) allocation per layer; autograd's version check would catch a base
+        # layer that did save it
+        return result.add_(update.to(result.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A, shape (out, in)."""
