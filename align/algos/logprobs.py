@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+KEEP_LOGITS_BYTES = 256 * 2**20  # chunked_token_logps keeps the slice logits for backward up to this size
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -37,6 +38,7 @@ def chunked_token_logps(
     softcap: float | None = None,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
+    keep_logits_bytes: int = KEEP_LOGITS_BYTES,
 ) -> torch.Tensor:
     """Log-prob of each label from hidden states, in slices of ``chunk_size`` vocabulary rows.
 
@@ -46,9 +48,12 @@ def chunked_token_logps(
     ``final_logit_softcapping``, no tanh when None; temperature as in sampling).
 
     log p(y) = z_y - logsumexp(z), the logsumexp taken per slice and then across slices (exact, no approximation).
-    A custom autograd function recomputes each slice's logits in backward rather than storing them, so peak memory
-    is O(B*T*chunk_size) in both passes; gradients flow to hidden, weight and bias (only those that require grad)
-    and match the full computation to rounding. Slice logits are computed in the input dtype (or the autocast
+    A custom autograd function computes the gradients slice by slice; gradients flow to hidden, weight and bias
+    (only those that require grad) and match the full computation to rounding. When the fp32 logits of all slices
+    take at most ``keep_logits_bytes`` (256 MiB by default: 2,048 positions of a 32k vocabulary), forward keeps them
+    for backward, which then skips recomputing them (a third of the head's matmul work) and frees each slice once
+    used; beyond that, backward recomputes each slice, so peak memory stays O(B*T*chunk_size) in both passes
+    (``keep_logits_bytes=0`` always recomputes). Slice logits are computed in the input dtype (or the autocast
     dtype, which backward restores) and reduced in fp32.
     """
     if chunk_size < 1:
@@ -60,7 +65,7 @@ def chunked_token_logps(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
     flat_labels = labels.reshape(-1)  # (B*T,)
     logps = _ChunkedTokenLogps.apply(flat_hidden, lm_head_weight, lm_head_bias, flat_labels, chunk_size,
-                                     softcap, temperature, ignore_index)
+                                     softcap, temperature, ignore_index, keep_logits_bytes)
     return logps.view(labels.shape)  # (B, T)
 
 
@@ -70,36 +75,51 @@ def _reduce_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _slice_logits(x, weight, bias, start, end, softcap, temperature):
-    """Logits z (N, C), fp32 or fp64, of vocab rows [start, end), and dz/du: an (N, C) tensor with softcap, else the
-    constant 1 / temperature as a float (None when 1)."""
+    """Logits z (N, C), fp32 or fp64, of vocab rows [start, end)."""
     u = x @ weight[start:end].T  # (N, C) in the input dtype
     if bias is not None:
         u = u + bias[start:end]
     u = u.to(_reduce_dtype(u))
     if softcap is None:
-        return (u, None) if temperature == 1.0 else (u / temperature, 1.0 / temperature)
-    squashed = torch.tanh(u / softcap)
-    return squashed * (softcap / temperature), (1.0 - squashed.square()) / temperature
+        return u if temperature == 1.0 else u / temperature
+    return torch.tanh(u / softcap) * (softcap / temperature)
+
+
+def _dz_du(z, softcap, temperature):
+    """dz/du from the logits themselves (so kept and recomputed slices give the same gradient, bit for bit): an
+    (N, C) tensor with softcap, where z = c tanh(u / c) / T gives (1 - (z T / c)^2) / T; else the constant 1 / T
+    as a float, None when T = 1."""
+    if softcap is None:
+        return None if temperature == 1.0 else 1.0 / temperature
+    squashed = z * (temperature / softcap)
+    return (1.0 - squashed.square()) / temperature
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """Forward: per-slice logsumexp and label logit. Backward: recompute each slice, d logp / dz = onehot - softmax."""
+    """Forward: per-slice logsumexp and label logit. Backward: each slice's logits (kept or recomputed),
+    d logp / dz = onehot - softmax."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, chunk_size, softcap, temperature, ignore_index):
+    def forward(ctx, x, weight, bias, labels, chunk_size, softcap, temperature, ignore_index, keep_logits_bytes):
         valid = labels != ignore_index
         safe_labels = labels.where(valid, 0)
-        picked = torch.zeros(x.shape[0], dtype=_reduce_dtype(x), device=x.device)  # (N,)
-        slice_lse = []
+        reduce_dtype = _reduce_dtype(x)
+        picked = torch.zeros(x.shape[0], dtype=reduce_dtype, device=x.device)  # (N,)
+        logits_bytes = x.shape[0] * weight.shape[0] * torch.finfo(reduce_dtype).bits // 8
+        keep = any(ctx.needs_input_grad[:3]) and logits_bytes <= keep_logits_bytes
+        slice_lse, kept = [], []
         for start in range(0, weight.shape[0], chunk_size):
             end = min(start + chunk_size, weight.shape[0])
-            z, _ = _slice_logits(x, weight, bias, start, end, softcap, temperature)  # (N, C)
+            z = _slice_logits(x, weight, bias, start, end, softcap, temperature)  # (N, C)
             slice_lse.append(torch.logsumexp(z, dim=-1))
+            if keep:
+                kept.append(z)
             inside = (safe_labels >= start) & (safe_labels < end)
             local = (safe_labels - start).clamp(0, end - start - 1)
             picked = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), picked)
         lse = torch.logsumexp(torch.stack(slice_lse, dim=-1), dim=-1)  # (N, n_slices) -> (N,)
         ctx.save_for_backward(x, weight, bias, safe_labels, valid, lse)
+        ctx.kept = kept if keep else None  # intermediates (not inputs or outputs): backward-once, so kept on ctx
         ctx.options = (chunk_size, softcap, temperature)
         device = x.device.type  # backward recomputes the slices under the forward's autocast state
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -112,20 +132,28 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         device, autocast_on, autocast_dtype = ctx.autocast
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
-            grads = _slice_grads(x, weight, bias, labels, valid, lse, grad_out, need_x, need_w, need_b, *ctx.options)
-        return (*grads, None, None, None, None, None)
+            grads = _slice_grads(x, weight, bias, labels, valid, lse, grad_out, need_x, need_w, need_b, *ctx.options,
+                                 kept=ctx.kept)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _slice_grads(x, weight, bias, labels, valid, lse, grad_out, need_x, need_w, need_b,
-                 chunk_size, softcap, temperature):
-    """Gradients to x (N, H), weight (V, H) and bias (V,), each None when not needed; one vocab slice at a time."""
+                 chunk_size, softcap, temperature, kept=None):
+    """Gradients to x (N, H), weight (V, H) and bias (V,), each None when not needed; one vocab slice at a time.
+    ``kept``: forward's slice logits, used (and released) instead of recomputing them; a slice already released
+    (a second backward through a retained graph) is recomputed."""
     g = torch.where(valid, grad_out.to(lse.dtype), 0.0)  # (N,)
     grad_x = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if need_x else None
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
     for start in range(0, weight.shape[0], chunk_size):
         end = min(start + chunk_size, weight.shape[0])
-        z, dz_du = _slice_logits(x, weight, bias, start, end, softcap, temperature)
+        index = start // chunk_size
+        if kept is not None and kept[index] is not None:
+            z, kept[index] = kept[index], None
+        else:
+            z = _slice_logits(x, weight, bias, start, end, softcap, temperature)
+        dz_du = _dz_du(z, softcap, temperature)
         grad_z = torch.exp(z - lse.unsqueeze(1)).mul_(-g.unsqueeze(1))  # -g * softmax, (N, C)
         rows = torch.nonzero((labels >= start) & (labels < end)).squeeze(1)
         grad_z.index_put_((rows, labels[rows] - start), g[rows], accumulate=True)  # + g * onehot

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from align.algos.logprobs import KEEP_LOGITS_BYTES
 from align.algos import chunked_token_logps, masked_mean, masked_sum, sequence_logps, token_logps
 
 
@@ -58,14 +59,19 @@ def test_masked_reductions_by_hand():
 
 
 # ------------------------------------------------------------------------------------------------ chunked == full
+KEEP = pytest.mark.parametrize("keep", [0, KEEP_LOGITS_BYTES], ids=["recompute", "kept"])
+
+
+@KEEP
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 49, 50, 64, 4096])
-def test_chunked_matches_full_values_and_grads(chunk_size):
-    """V = 50: chunk sizes 7, 16, 49 leave a partial last slice; 50 and 4096 are one slice; 1 is one row at a time."""
+def test_chunked_matches_full_values_and_grads(chunk_size, keep):
+    """V = 50: chunk sizes 7, 16, 49 leave a partial last slice; 50 and 4096 are one slice; 1 is one row at a time.
+    Backward either recomputes each slice's logits or uses the ones forward kept."""
     hidden, weight, labels = _inputs()
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(9))
     expected = _full_logps(hidden, weight, labels)
     expected_grads = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
-    got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)
+    got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size, keep_logits_bytes=keep)
     got_grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert got[0, 1] == 0.0
@@ -73,27 +79,31 @@ def test_chunked_matches_full_values_and_grads(chunk_size):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
+@KEEP
 @pytest.mark.parametrize("options", [{"temperature": 0.7}, {"softcap": 3.0}, {"softcap": 3.0, "temperature": 0.7}])
-def test_chunked_with_bias_softcap_temperature_matches_full(options):
+def test_chunked_with_bias_softcap_temperature_matches_full(options, keep):
     hidden, weight, labels = _inputs()
     bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(4)).requires_grad_()
     expected = _full_logps(hidden, weight, labels, bias=bias, **options)
     expected_grads = torch.autograd.grad(expected.sum(), (hidden, weight, bias))
-    got = chunked_token_logps(hidden, weight, labels, chunk_size=16, lm_head_bias=bias, **options)
+    got = chunked_token_logps(hidden, weight, labels, chunk_size=16, lm_head_bias=bias, keep_logits_bytes=keep,
+                              **options)
     got_grads = torch.autograd.grad(got.sum(), (hidden, weight, bias))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_gradcheck_fp64():
+@KEEP
+def test_chunked_gradcheck_fp64(keep):
     """Finite differences in fp64 check the hand-written backward, bias, softcap and temperature included."""
     hidden, weight, labels = _inputs(b=2, t=3, h=4, v=11, dtype=torch.float64)
     bias = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
 
     for softcap in (None, 2.0):
         def fn(h, w, b, softcap=softcap):
-            return chunked_token_logps(h, w, labels, chunk_size=4, lm_head_bias=b, softcap=softcap, temperature=0.8)
+            return chunked_token_logps(h, w, labels, chunk_size=4, lm_head_bias=b, softcap=softcap, temperature=0.8,
+                                       keep_logits_bytes=keep)
 
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
@@ -140,23 +150,61 @@ def _peak_allocated_bytes(fn) -> int:
 
 def test_chunked_peak_memory_stays_below_full_logits():
     """B*T = 128, V = 50,000, H = 16: the fp32 logits alone are 128 * 50,000 * 4 = 25.6 MB. Forward + backward with
-    a trainable head, chunk 4,096: measured 11.6 MB (a few (128, 4,096) fp32 slices of 2.1 MB each plus the 3.2 MB
-    weight gradient); the full path measures 102 MB. Asserted: chunked < half the logits, full >= the logits (so
-    the measurement does see large tensors)."""
+    a trainable head, chunk 4,096, slices recomputed in backward (keep_logits_bytes=0): measured 11.6 MB (a few
+    (128, 4,096) fp32 slices of 2.1 MB each plus the 3.2 MB weight gradient); the full path measures 102 MB.
+    Asserted: chunked < half the logits, full >= the logits (so the measurement does see large tensors). With the
+    default budget the slices are kept (25.6 MB fits in 256 MiB): the peak then holds all of them, and a budget one
+    byte short of them recomputes again."""
     gen = torch.Generator().manual_seed(0)
     b, t, h, v = 2, 64, 16, 50_000
     hidden = torch.randn(b, t, h, generator=gen, requires_grad=True)
     weight = torch.randn(v, h, generator=gen, requires_grad=True)
     labels = torch.randint(0, v, (b, t), generator=gen)
     logits_bytes = b * t * v * 4
-    chunked = _peak_allocated_bytes(lambda: chunked_token_logps(hidden, weight, labels, 4096).sum().backward())
+
+    def run(keep):
+        hidden.grad = weight.grad = None
+        return _peak_allocated_bytes(
+            lambda: chunked_token_logps(hidden, weight, labels, 4096, keep_logits_bytes=keep).sum().backward())
+
+    chunked = run(0)
     chunked_grads = (hidden.grad, weight.grad)
+    assert chunked < logits_bytes / 2, (chunked, logits_bytes)
+    assert run(logits_bytes - 1) < logits_bytes / 2
+    assert run(logits_bytes) >= logits_bytes
+    kept_grads = (hidden.grad, weight.grad)
     hidden.grad = weight.grad = None
     full = _peak_allocated_bytes(lambda: token_logps(hidden @ weight.T, labels).sum().backward())
-    assert chunked < logits_bytes / 2, (chunked, logits_bytes)
     assert full >= logits_bytes, (full, logits_bytes)
-    torch.testing.assert_close(chunked_grads[0], hidden.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(chunked_grads[1], weight.grad, atol=1e-4, rtol=1e-4)
+    for got in (chunked_grads, kept_grads):
+        torch.testing.assert_close(got[0], hidden.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[1], weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def _backward_matmuls(keep: int) -> int:
+    hidden, weight, labels = _inputs(v=50)
+    weight.requires_grad_(False)  # a frozen head, as with adapters: backward needs only the gradient to hidden
+    out = chunked_token_logps(hidden, weight, labels, chunk_size=16, keep_logits_bytes=keep).sum()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.backward()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+
+def test_kept_logits_skip_the_recomputation():
+    """V = 50 in slices of 16 = 4 slices, frozen head: recomputing costs one logits matmul and one gradient matmul
+    per slice (8), kept logits only the gradient matmul (4)."""
+    assert _backward_matmuls(0) == 8
+    assert _backward_matmuls(KEEP_LOGITS_BYTES) == 4
+
+
+def test_retained_graph_backward_twice_recomputes_released_slices():
+    """Kept slices are released as backward uses them; a second backward through a retained graph recomputes them
+    and gets the same gradient."""
+    hidden, weight, labels = _inputs()
+    out = chunked_token_logps(hidden, weight, labels, chunk_size=16).sum()
+    first = torch.autograd.grad(out, hidden, retain_graph=True)[0]
+    second = torch.autograd.grad(out, hidden)[0]
+    torch.testing.assert_close(first, second)
 
 
 @pytest.mark.gpu
