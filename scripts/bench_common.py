@@ -100,10 +100,12 @@ class BenchModel:
         return 2 * v * h + n * per_layer + h
 
 
-# ~5M and ~25M parameters with a 32k vocabulary (where the log-prob computation over the vocabulary matters)
+# ~5M and ~25M parameters with a 32k vocabulary (where the log-prob computation over the vocabulary matters), and a
+# ~170M model for memory comparisons in which the weights, not the Python runtime, dominate a process
 MODELS = {
     "5m": BenchModel("5m", hidden=64, layers=4, heads=4, intermediate=172),
     "25m": BenchModel("25m", hidden=256, layers=10, heads=8, intermediate=688),
+    "170m": BenchModel("170m", hidden=1024, layers=8, heads=16, intermediate=2816),
 }
 
 

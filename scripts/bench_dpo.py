@@ -30,7 +30,8 @@ with N_body = L*(4*H^2 + 3*H*I) the decoder's linear weights, N_head = H*V, N_lo
 T_seq the tokens in the forward (2 x 8 sequences x 128 = 2,048), T_out the positions whose log-prob is used (the
 response positions, 2 x 8 x 64 = 1,024), S = 128 (attention scores and values over the whole sequence). MFU =
 FLOPs per step / seconds per step / fp32 peak. Target: >= 60% on the 25M model, for align's steps. The SFT step (align's
-``build_sft_trainer``) runs the same 16 sequences of 128 tokens, loss on their last 64 tokens.
+``build_sft_trainer``) runs the same 16 sequences of 128 tokens, loss on their last 64 tokens; the reward-model step
+(``build_reward_trainer``) the same 8 pairs, scored at their last token (no output head: T_out = 0).
 
 What TRL's API forces (the docs section repeats it): TRL 1.16's DPOTrainer always tokenizes text itself (no
 pre-tokenized input), so it gets the same pairs as strings over a local WordLevel tokenizer of the 32k vocabulary
@@ -338,6 +339,36 @@ def sft_ours(model: str, steps: int, warmup: int, batch: int, prompt_len: int, r
     return _result(s_per_step, 2 * batch * (prompt_len + response_len), losses, trainable)
 
 
+def rm_ours(model: str, steps: int, warmup: int, batch: int, prompt_len: int, response_len: int,
+            lr: float, seed: int = 0) -> dict:
+    """align's reward-model trainer (``build_reward_trainer``: a LoRA adapter + a scalar head read at the last
+    token, Bradley-Terry loss) on the pairs of a DPO step."""
+    import datasets
+    import torch
+
+    from align.adapters import AdapterModel, LoraConfig
+    from align.config.methods import RewardConfig
+    from align.config.trainer import LoopConfig, OptimizerConfig
+    from align.models.heads import ScalarHead
+    from align.trainers.reward_model import build_reward_trainer
+
+    spec = _spec(model)
+    rows = preference_rows(spec.vocab, batch * (warmup + steps), prompt_len, response_len, seed)
+    adapted = AdapterModel(spec.build(seed))
+    torch.manual_seed(seed)
+    adapted.add_adapter("reward", LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS))
+    head = ScalarHead(spec.hidden, "score")
+    loop = LoopConfig(max_steps=warmup + steps, micro_batch_size=batch, progress=False, seed=seed)
+    optim = OptimizerConfig(lr=lr, schedule="constant", max_grad_norm=1.0)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = build_reward_trainer(adapted, head, datasets.Dataset.from_list(rows), None, PAD,
+                                       RewardConfig(adapter="reward"), loop, optim, out_dir)
+        adapted.train()
+        s_per_step, losses = _timed_steps(lambda: trainer.train_step()["loss"], warmup, steps)
+    trainable = sum(p.numel() for n, p in trainer.params.items() if n.startswith("adapter."))
+    return _result(s_per_step, batch * (prompt_len + 2 * response_len), losses, trainable)
+
+
 def matmul_peak(size: int = 2048, iters: int = 10) -> dict:
     """GFLOP/s of a ``size``^3 matmul loop in fp32 and bf16 (2 warm-up products, then ``iters`` timed)."""
     import torch
@@ -374,7 +405,7 @@ def measure(args) -> dict:
     started = time.perf_counter()
     names = list(MODELS) if args.model == "all" else [args.model]
     peaks = [_run("matmul_peak", {"size": args.matmul_size})]
-    results: dict = {"dpo": {}, "sft": {}}
+    results: dict = {"dpo": {}, "sft": {}, "rm": {}}
     for name in names:
         common = {"model": name, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
                   "prompt_len": args.prompt_len, "response_len": args.response_len, "lr": args.lr}
@@ -385,6 +416,7 @@ def measure(args) -> dict:
             _check(comparison, name, mode)
             results["dpo"][(name, mode)] = comparison
         results["sft"][name] = [_run("sft_ours", common) for _ in range(args.repeats)]
+        results["rm"][name] = [_run("rm_ours", common) for _ in range(args.repeats)]
     peaks.append(_run("matmul_peak", {"size": args.matmul_size}))
     results["peaks"] = peaks
     results["minutes"] = (time.perf_counter() - started) / 60
@@ -441,12 +473,13 @@ def mfu_rows(results: dict, args) -> tuple[float, list[list]]:
         rows.append([name, f"DPO, reference {mode}", flops / 1e9,
                      *cells(c.median("ours", "s_per_step"), flops, target=name == MFU_MODEL),
                      *cells(c.median("theirs", "s_per_step"), flops)])
-    for name, runs in results["sft"].items():
-        flops = step_flops(_spec(name), runs[0]["trainable_params"], 2 * args.batch, seq_len, args.response_len,
-                           reference_forward=False)
-        rows.append([name, "SFT", flops / 1e9,
-                     *cells(statistics.median(r["s_per_step"] for r in runs), flops, target=name == MFU_MODEL),
-                     *cells(None, flops)])
+    for stage, response_len in (("sft", args.response_len), ("rm", 0)):  # the reward model scores no tokens
+        for name, runs in results.get(stage, {}).items():
+            flops = step_flops(_spec(name), runs[0]["trainable_params"], 2 * args.batch, seq_len, response_len,
+                               reference_forward=False)
+            rows.append([name, stage.upper(), flops / 1e9,
+                         *cells(statistics.median(r["s_per_step"] for r in runs), flops, target=name == MFU_MODEL),
+                         *cells(None, flops)])
     return peak, rows
 
 
@@ -483,7 +516,9 @@ def report(results: dict, args, info: dict) -> str:
         "reference runs at every step. N_body = L·(4H² + 3H·I), N_head = H·V, N_lora = the LoRA weights, "
         f"T_seq = {sequences * seq_len:,} tokens in the forward ({sequences} sequences of S = {seq_len}), "
         f"T_out = {sequences * args.response_len:,} scored response positions. MFU = FLOPs per step / s per step / "
-        "fp32 peak. The SFT step (align's `build_sft_trainer`) runs the same sequences, loss on the response tokens.")
+        "fp32 peak. The SFT step (align's `build_sft_trainer`) runs the same sequences, loss on the response tokens; the RM "
+        "step (`build_reward_trainer`: LoRA + a scalar head at the last token, Bradley-Terry loss) the same pairs, "
+        "with no output head (T_out = 0).")
     differences = (
         "Differences TRL's API forces: TRL 1.16's `DPOTrainer` always tokenizes text itself (no pre-tokenized "
         "input), so it gets the pairs as strings over a local word-level tokenizer of the same vocabulary, and the "
