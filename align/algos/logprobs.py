@@ -69,6 +69,52 @@ def chunked_token_logps(
     return logps.view(labels.shape)  # (B, T)
 
 
+@torch.no_grad()
+def chunked_token_logps_and_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_token_logps`` (without gradients) and the entropy of each position's next-token distribution, from
+    one pass over the vocabulary slices (the logits are computed once for both).
+
+    Per slice k: s_k = logsumexp(z_k) and e_k = sum_v softmax(z_k)_v z_v. Then lse = logsumexp_k(s_k) and
+    H = lse - sum_k exp(s_k - lse) e_k (H = lse - E_p[z]; exact). Same shapes and dtypes as ``chunked_token_logps``;
+    returns (logps, entropy), both (B, T), 0 where ``labels == ignore_index``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    x = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    safe_labels = flat_labels.where(valid, 0)
+    picked = torch.zeros(x.shape[0], dtype=_reduce_dtype(x), device=x.device)  # (N,)
+    slice_lse, slice_mean = [], []
+    for start in range(0, lm_head_weight.shape[0], chunk_size):
+        end = min(start + chunk_size, lm_head_weight.shape[0])
+        z = _slice_logits(x, lm_head_weight, lm_head_bias, start, end, softcap, temperature)  # (N, C)
+        lse_k = torch.logsumexp(z, dim=-1)  # (N,)
+        finite = torch.isfinite(lse_k)
+        p = torch.exp(z - torch.where(finite, lse_k, 0.0).unsqueeze(1))  # softmax within the slice
+        mean_k = (p * torch.where(torch.isfinite(z), z, 0.0)).sum(-1)  # E[z] within the slice; 0 log 0 = 0
+        slice_lse.append(lse_k)
+        slice_mean.append(torch.where(finite, mean_k, 0.0))
+        inside = (safe_labels >= start) & (safe_labels < end)
+        local = (safe_labels - start).clamp(0, end - start - 1)
+        picked = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), picked)
+    lses = torch.stack(slice_lse, dim=-1)  # (N, K)
+    lse = torch.logsumexp(lses, dim=-1)  # (N,)
+    weights = torch.exp(lses - lse.unsqueeze(1))  # each slice's share of the probability mass
+    entropy = lse - (weights * torch.stack(slice_mean, dim=-1)).sum(-1)
+    logps = torch.where(valid, picked - lse, 0.0)
+    return logps.view(labels.shape), torch.where(valid, entropy, 0.0).view(labels.shape)
+
+
 def _reduce_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 for half types, fp64 stays fp64 (so gradcheck can run)."""
     return torch.promote_types(t.dtype, torch.float32)

@@ -1,15 +1,28 @@
 """Data: load user files or `datasets` dirs, detect formats, validate rows, tokenize with explicit
 truncation, lint the tokenization, collate, pack, and cache. See docs/data.md."""
 
+import importlib
+
 from .collate import PreferenceCollator, PromptCollator, SFTCollator, pack_sft
 from .errors import BadRowsError, DataError, LintError
-from .formats import detect_format
-from .lint import lint_tokenization
-from .prepare import build_dataset, prepare_preferences, prepare_prompts, prepare_sft
 from .rows import Example, RowProblem
-from .sources import load_source
-from .tokenize import tokenize_examples, truncate
-from .validate import DataReport
+
+# Loading and preparing data needs `datasets` (with pandas and pyarrow: about 85 MiB resident); the collators the
+# trainers use do not, so those names are imported on first use and a training process that is handed its rows
+# never pays for them.
+_LAZY = {
+    "detect_format": ".formats", "lint_tokenization": ".lint", "build_dataset": ".prepare",
+    "prepare_preferences": ".prepare", "prepare_prompts": ".prepare", "prepare_sft": ".prepare",
+    "load_source": ".sources", "tokenize_examples": ".tokenize", "truncate": ".tokenize", "DataReport": ".validate",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "BadRowsError", "DataError", "DataReport", "Example", "LintError", "PreferenceCollator", "PromptCollator",

@@ -16,9 +16,12 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 IGNORE_INDEX = -100
 
@@ -125,6 +128,8 @@ def pack_sft(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
     """Pack an SFT dataset (``input_ids``, ``response_mask``) into rows of at most ``max_length`` tokens
     with ``position_ids`` restarting per example (see the module docstring). ``rows`` lists the source
     rows of each packed row."""
+    import datasets  # here, not at import: the collators above serve processes that never load data
+
     ids, masks, rows = ds["input_ids"], ds["response_mask"], ds["row"]
     packed: dict[str, list] = {"row": [], "input_ids": [], "response_mask": [], "position_ids": []}
     for members in pack_bins([len(x) for x in ids], max_length):

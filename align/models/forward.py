@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from align.adapters import AdaptedLayer, AdapterModel
-from align.algos import IGNORE_INDEX, chunked_token_logps, entropy_from_logits
+from align.algos import (
+    IGNORE_INDEX,
+    chunked_token_logps,
+    chunked_token_logps_and_entropy,
+    entropy_from_logits,
+)
 
 from .device import device_of, to_device
 
@@ -46,7 +51,9 @@ def response_logps_and_entropy(model: nn.Module, batch: dict[str, torch.Tensor],
                                rows_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``response_token_logps`` plus the entropy of the (temperature-scaled) next-token distribution at the same
     positions, from the same forward: (token_logps, entropy, mask), all (B, T - 1). The entropy is a detached
-    diagnostic, computed ``rows_per_chunk`` positions at a time so at most (rows_per_chunk, V) logits exist."""
+    diagnostic. Without gradients (scoring a rollout) both come from one pass over the vocabulary slices; when the
+    log-probs need gradients, the entropy is computed ``rows_per_chunk`` positions at a time so at most
+    (rows_per_chunk, V) logits exist."""
     return _response_logps(model, batch, chunk_size, temperature, with_entropy=True, rows_per_chunk=rows_per_chunk)
 
 
@@ -59,7 +66,14 @@ def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_pe
     labels = batch["input_ids"][:, 1:][mask]  # (N,)
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if _head_adapter_runs(model, head):
+    head_adapter = _head_adapter_runs(model, head)
+    if with_entropy and not head_adapter and not (torch.is_grad_enabled() and selected.requires_grad):
+        # scoring without gradients: log-probs and entropy from one pass over the vocabulary slices
+        logps, entropy = chunked_token_logps_and_entropy(
+            selected, head.weight, labels, chunk_size, lm_head_bias=getattr(head, "bias", None), softcap=softcap,
+            temperature=temperature)  # (N,), (N,)
+        return _scatter(logps, mask), _scatter(entropy, mask), mask
+    if head_adapter:
         # an adapter on the output head is not a plain weight matrix: run the head itself, on the selected
         # positions only ((N, V) logits, never (B, T, V))
         logits = _head_logits(head, selected, softcap, temperature)  # (N, V)
@@ -68,7 +82,7 @@ def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_pe
         logps = chunked_token_logps(selected[None], head.weight, labels[None], chunk_size,
                                     lm_head_bias=getattr(head, "bias", None), softcap=softcap,
                                     temperature=temperature)[0]  # (N,)
-    token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
+    token_logps = _scatter(logps, mask)
     if not with_entropy:
         return token_logps, mask, None
     with torch.no_grad():
@@ -76,9 +90,12 @@ def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_pe
         parts = [entropy_from_logits(_head_logits(head, rows[i:i + rows_per_chunk], softcap, temperature))
                  for i in range(0, rows.shape[0], rows_per_chunk)]
         entropy = torch.cat(parts) if parts else logps.new_zeros(0)  # (N,)
-        token_entropy = torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(
-            mask, entropy)
-    return token_logps, token_entropy, mask
+    return token_logps, _scatter(entropy, mask), mask
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the True positions of a (B, T) mask, zeros elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 def _head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None, temperature: float) -> torch.Tensor:

@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from align.algos import (
+    chunked_token_logps,
+    chunked_token_logps_and_entropy,
+    masked_mean,
+    masked_sum,
+    sequence_logps,
+    token_logps,
+)
 from align.algos.logprobs import KEEP_LOGITS_BYTES
-from align.algos import chunked_token_logps, masked_mean, masked_sum, sequence_logps, token_logps
 
 
 def _full_logps(hidden, weight, labels, bias=None, softcap=None, temperature=1.0):
@@ -245,3 +252,35 @@ def test_chunked_cuda_peak_memory_and_values_at_llama3_size(train_head):
     assert full_peak > logits_bytes
     assert (chunked - ref).abs().max() <= 1.5 * (full - ref).abs().max() + 1e-3
     assert (chunked_grad - ref_grad).abs().max() <= 1.5 * (full_grad - ref_grad).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7}, {"softcap": 3.0}])
+@pytest.mark.parametrize("chunk_size", [7, 16, 50])
+def test_fused_logps_and_entropy_match_the_full_logits(chunk_size, options):
+    """One pass over vocabulary slices gives the log-probs of chunked_token_logps and the entropy of the full
+    softmax, -sum p log p, at every position (0 where the label is ignored)."""
+    hidden, weight, labels = _inputs()
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(4))
+    logps, entropy = chunked_token_logps_and_entropy(hidden, weight, labels, chunk_size, lm_head_bias=bias,
+                                                     **options)
+    z = hidden.detach() @ weight.detach().T + bias
+    if "softcap" in options:
+        z = options["softcap"] * torch.tanh(z / options["softcap"])
+    log_p = (z / options.get("temperature", 1.0)).log_softmax(-1)
+    valid = labels != -100
+    torch.testing.assert_close(logps, _full_logps(hidden, weight, labels, bias=bias, **options).detach())
+    torch.testing.assert_close(entropy[valid], -(log_p.exp() * log_p).sum(-1)[valid])
+    assert entropy[~valid].eq(0).all() and not logps.requires_grad
+
+
+def test_fused_entropy_is_log_v_for_uniform_logits_and_handles_masked_slices():
+    """Equal logits over V = 12: H = log 12. A slice of -inf logits (masked vocabulary) adds nothing: H = log 4."""
+    hidden = torch.ones(1, 2, 1)
+    labels = torch.tensor([[0, 3]])
+    weight = torch.zeros(12, 1)
+    _, entropy = chunked_token_logps_and_entropy(hidden, weight, labels, chunk_size=4)
+    torch.testing.assert_close(entropy, torch.full((1, 2), math.log(12)))
+    bias = torch.cat([torch.zeros(4), torch.full((8,), float("-inf"))])
+    logps, entropy = chunked_token_logps_and_entropy(hidden, weight, labels, chunk_size=4, lm_head_bias=bias)
+    torch.testing.assert_close(entropy, torch.full((1, 2), math.log(4)))
+    torch.testing.assert_close(logps, torch.full((1, 2), -math.log(4)))

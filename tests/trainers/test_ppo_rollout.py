@@ -3,7 +3,7 @@ are penalised."""
 
 import torch
 
-from align.adapters import AdapterModel
+from align.adapters import AdapterModel, LoraConfig
 from align.config.rl import RolloutConfig
 from align.models import tiny_llama
 from align.models.forward import response_logps_and_entropy, response_token_logps
@@ -91,15 +91,21 @@ def test_scoring_logps_and_entropy_follow_the_sampling_temperature():
     """Chunked log-probs (vocab chunks of 50) and row-chunked entropy at temperature 2 equal those of the full
     logits divided by 2, at response positions only (0 elsewhere)."""
     model = AdapterModel(tiny_llama(seed=0))
+    model.add_adapter("a", LoraConfig(r=2, init_lora_weights=False))  # trainable: the log-probs can need gradients
+    model.set_active("a")
     rollout = layout([[BOS, 5, 6], [BOS, 9]], [[7, 8, EOS], [11, 12, 13, 14]], PAD, torch.tensor([True, False]))
     batch = rollout.batch()
-    logps, entropy, mask = response_logps_and_entropy(model, batch, chunk_size=50, temperature=2.0,
-                                                      rows_per_chunk=3)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1] / 2.0
     full = logits.log_softmax(-1)
     expected = full.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(logps[mask], expected[mask])
-    torch.testing.assert_close(entropy[mask], -(full.exp() * full).sum(-1)[mask])
-    assert mask.sum() == 7 and logps[~mask].eq(0).all() and entropy[~mask].eq(0).all()
-    plain, _ = response_token_logps(model, batch, temperature=2.0)
-    torch.testing.assert_close(plain, logps)
+    # with gradients (chunked log-probs, row-chunked entropy) and without (one fused pass over the vocabulary)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            logps, entropy, mask = response_logps_and_entropy(model, batch, chunk_size=50, temperature=2.0,
+                                                              rows_per_chunk=3)
+        assert logps.requires_grad is grad and not entropy.requires_grad
+        torch.testing.assert_close(logps[mask], expected[mask])
+        torch.testing.assert_close(entropy[mask], -(full.exp() * full).sum(-1)[mask])
+        assert mask.sum() == 7 and logps[~mask].eq(0).all() and entropy[~mask].eq(0).all()
+        plain, _ = response_token_logps(model, batch, temperature=2.0)
+        torch.testing.assert_close(plain, logps.detach())
