@@ -173,6 +173,14 @@ def step_flops(spec: BenchModel, lora_params: int, sequences: int, seq_len: int,
 
 
 # ------------------------------------------------------------------------------------------------ children
+def _base(spec: BenchModel, seed: int, precision: str):
+    """The frozen base, stored in bf16 for bf16 runs (as ``model.dtype=bf16`` loads it)."""
+    import torch
+
+    base = spec.build(seed)
+    return base.to(torch.bfloat16) if precision == "bf16" else base
+
+
 def _timed_steps(step, warmup: int, steps: int) -> tuple[float, list[float]]:
     """Run ``warmup`` then ``steps`` calls of ``step`` (returning the loss); (seconds per timed step, losses)."""
     losses = [step() for _ in range(warmup)]
@@ -190,8 +198,9 @@ def _result(s_per_step: float, tokens_per_step: int, losses: list[float], traina
 
 
 def dpo_ours(model: str, precompute: bool, steps: int, warmup: int, batch: int, prompt_len: int,
-             response_len: int, lr: float, seed: int = 0) -> dict:
-    """align's DPO trainer (``build_dpo_trainer``, policy adapter on the bare base as reference)."""
+             response_len: int, lr: float, seed: int = 0, precision: str = "fp32") -> dict:
+    """align's DPO trainer (``build_dpo_trainer``, policy adapter on the bare base as reference). ``precision``
+    "bf16": the base stored in bf16 and the step under bf16 autocast (``trainer.precision=bf16``), fp32 adapters."""
     import datasets
     import torch
 
@@ -203,11 +212,12 @@ def dpo_ours(model: str, precompute: bool, steps: int, warmup: int, batch: int, 
     spec = _spec(model)
     rows = preference_rows(spec.vocab, batch * (warmup + steps), prompt_len, response_len, seed)
     started = time.perf_counter()
-    adapted = AdapterModel(spec.build(seed))
+    adapted = AdapterModel(_base(spec, seed, precision))
     torch.manual_seed(seed)  # the LoRA A matrices
     cfg = DPOConfig(beta=BETA, loss="sigmoid", reference=None, precompute_reference=precompute,
                     eval_batch_size=REF_BATCH)
-    loop = LoopConfig(max_steps=warmup + steps, micro_batch_size=batch, progress=False, seed=seed)
+    loop = LoopConfig(max_steps=warmup + steps, micro_batch_size=batch, progress=False, seed=seed,
+                      precision=precision)
     optim = OptimizerConfig(lr=lr, schedule="constant", max_grad_norm=1.0)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS)
     reference_pass = {"s": 0.0}
@@ -313,7 +323,7 @@ def _check_same_tokens(dataset, rows: list[dict]) -> None:
 
 
 def sft_ours(model: str, steps: int, warmup: int, batch: int, prompt_len: int, response_len: int,
-             lr: float, seed: int = 0) -> dict:
+             lr: float, seed: int = 0, precision: str = "fp32") -> dict:
     """align's SFT trainer on the sequences of a DPO step (2 x batch rows of prompt + response)."""
     import datasets
     import torch
@@ -325,10 +335,11 @@ def sft_ours(model: str, steps: int, warmup: int, batch: int, prompt_len: int, r
 
     spec = _spec(model)
     rows = sft_rows(preference_rows(spec.vocab, batch * (warmup + steps), prompt_len, response_len, seed))
-    adapted = AdapterModel(spec.build(seed))
+    adapted = AdapterModel(_base(spec, seed, precision))
     torch.manual_seed(seed)
     adapted.add_adapter("sft", LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS))
-    loop = LoopConfig(max_steps=warmup + steps, micro_batch_size=2 * batch, progress=False, seed=seed)
+    loop = LoopConfig(max_steps=warmup + steps, micro_batch_size=2 * batch, progress=False, seed=seed,
+                      precision=precision)
     optim = OptimizerConfig(lr=lr, schedule="constant", max_grad_norm=1.0)
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = build_sft_trainer(adapted, datasets.Dataset.from_list(rows), None, PAD, SFTConfig(adapter="sft"),
@@ -403,9 +414,9 @@ def _run(function: str, kwargs: dict) -> dict:
 
 def measure(args) -> dict:
     started = time.perf_counter()
-    names = list(MODELS) if args.model == "all" else [args.model]
+    names = ["5m", "25m"] if args.model == "all" else [args.model]
     peaks = [_run("matmul_peak", {"size": args.matmul_size})]
-    results: dict = {"dpo": {}, "sft": {}, "rm": {}}
+    results: dict = {"dpo": {}, "sft": {}, "rm": {}, "bf16": {}}
     for name in names:
         common = {"model": name, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
                   "prompt_len": args.prompt_len, "response_len": args.response_len, "lr": args.lr}
@@ -417,6 +428,12 @@ def measure(args) -> dict:
             results["dpo"][(name, mode)] = comparison
         results["sft"][name] = [_run("sft_ours", common) for _ in range(args.repeats)]
         results["rm"][name] = [_run("rm_ours", common) for _ in range(args.repeats)]
+        if args.bf16:  # align's bf16 steps, against the bf16 matmul peak
+            bf16 = {**common, "precision": "bf16"}
+            results["bf16"][name] = {
+                "DPO, reference precomputed": [_run("dpo_ours", {**bf16, "precompute": True})
+                                               for _ in range(args.repeats)],
+                "SFT": [_run("sft_ours", bf16) for _ in range(args.repeats)]}
     peaks.append(_run("matmul_peak", {"size": args.matmul_size}))
     results["peaks"] = peaks
     results["minutes"] = (time.perf_counter() - started) / 60
@@ -456,10 +473,11 @@ def dpo_table(results: dict) -> str:
 
 def mfu_rows(results: dict, args) -> tuple[float, list[list]]:
     peak = max(p["float32_gflops"] for p in results["peaks"])
+    bf16_peak = max(p["bfloat16_gflops"] for p in results["peaks"])
     seq_len = args.prompt_len + args.response_len
     rows = []
 
-    def cells(s_per_step: float | None, flops: float, target: bool = False) -> list:
+    def cells(s_per_step: float | None, flops: float, target: bool = False, peak: float = peak) -> list:
         if s_per_step is None:
             return ["-", "-", "-"]
         achieved = flops / s_per_step / 1e9
@@ -467,18 +485,26 @@ def mfu_rows(results: dict, args) -> tuple[float, list[list]]:
         return [s_per_step, achieved, f"{mfu} ({'met' if achieved / peak >= MFU_TARGET else 'not met'})" if target
                 else mfu]
 
+    def flops_of(name: str, trainable: int, response_len: int, reference_forward: bool) -> float:
+        return step_flops(_spec(name), trainable, 2 * args.batch, seq_len, response_len, reference_forward)
+
     for (name, mode), c in results["dpo"].items():
-        flops = step_flops(_spec(name), c.ours[0]["trainable_params"], 2 * args.batch, seq_len, args.response_len,
-                           reference_forward=not MODES[mode])
+        flops = flops_of(name, c.ours[0]["trainable_params"], args.response_len, not MODES[mode])
         rows.append([name, f"DPO, reference {mode}", flops / 1e9,
                      *cells(c.median("ours", "s_per_step"), flops, target=name == MFU_MODEL),
                      *cells(c.median("theirs", "s_per_step"), flops)])
     for stage, response_len in (("sft", args.response_len), ("rm", 0)):  # the reward model scores no tokens
         for name, runs in results.get(stage, {}).items():
-            flops = step_flops(_spec(name), runs[0]["trainable_params"], 2 * args.batch, seq_len, response_len,
-                               reference_forward=False)
+            flops = flops_of(name, runs[0]["trainable_params"], response_len, False)
             rows.append([name, stage.upper(), flops / 1e9,
                          *cells(statistics.median(r["s_per_step"] for r in runs), flops, target=name == MFU_MODEL),
+                         *cells(None, flops)])
+    for name, steps in results.get("bf16", {}).items():  # against the bf16 peak
+        for step, runs in steps.items():
+            flops = flops_of(name, runs[0]["trainable_params"], args.response_len, False)
+            rows.append([name, f"{step}, bf16 (of the bf16 peak)", flops / 1e9,
+                         *cells(statistics.median(r["s_per_step"] for r in runs), flops, target=name == MFU_MODEL,
+                                peak=bf16_peak),
                          *cells(None, flops)])
     return peak, rows
 
@@ -518,7 +544,9 @@ def report(results: dict, args, info: dict) -> str:
         f"T_out = {sequences * args.response_len:,} scored response positions. MFU = FLOPs per step / s per step / "
         "fp32 peak. The SFT step (align's `build_sft_trainer`) runs the same sequences, loss on the response tokens; the RM "
         "step (`build_reward_trainer`: LoRA + a scalar head at the last token, Bradley-Terry loss) the same pairs, "
-        "with no output head (T_out = 0).")
+        "with no output head (T_out = 0). The bf16 rows run align's steps with the base stored in bf16 under bf16 "
+        "autocast (`model.dtype=bf16 trainer.precision=bf16`; fp32 adapters and optimizer) and divide by the bf16 "
+        "peak.")
     differences = (
         "Differences TRL's API forces: TRL 1.16's `DPOTrainer` always tokenizes text itself (no pre-tokenized "
         "input), so it gets the pairs as strings over a local word-level tokenizer of the same vocabulary, and the "
@@ -540,7 +568,7 @@ def report(results: dict, args, info: dict) -> str:
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="25m", choices=[*CHOICES, "all"],
-                        help="a benchmark model, 'all' of them (5m and 25m), or 'tiny' to check the script runs")
+                        help="a benchmark model, 'all' (5m and 25m), or 'tiny' to check the script runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process, before the timed ones")
@@ -549,6 +577,8 @@ def parse(argv=None):
     parser.add_argument("--response-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="skip align's bf16 DPO and SFT steps (MFU against the bf16 matmul peak)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
     args = parser.parse_args(argv)

@@ -31,6 +31,9 @@ def test_dpo_measurements_run_the_same_setup(precompute):
 def test_sft_and_matmul_measurements_and_the_report():
     sft = bench_dpo.sft_ours(**SETTINGS)
     assert sft["s_per_step"] > 0 and sft["tokens_per_step"] == 2 * 2 * (8 + 8) and sft["trainable_params"] > 0
+    bf16 = bench_dpo.sft_ours(**SETTINGS, precision="bf16")
+    assert bf16["s_per_step"] > 0 and bf16["trainable_params"] == sft["trainable_params"]
+    assert bench_dpo.dpo_ours(precompute=True, precision="bf16", **SETTINGS)["s_per_step"] > 0
     rm = bench_dpo.rm_ours(**SETTINGS)
     assert rm["s_per_step"] > 0 and rm["tokens_per_step"] == 2 * (8 + 8 + 8)
     assert rm["trainable_params"] == sft["trainable_params"]  # the same LoRA; the head is not counted
@@ -45,11 +48,12 @@ def test_sft_and_matmul_measurements_and_the_report():
 
     results = {"dpo": {("5m", mode): Comparison([run(0.1, 800, 1.0)], [run(0.2, 1000, 2.0)])
                        for mode in bench_dpo.MODES},
-               "sft": {"5m": [run(0.1, 700, None)]}, "rm": {"5m": [run(0.1, 700, None)]}, "peaks": [{**peak, "float32_gflops": 100.0}], "minutes": 1.0}
+               "sft": {"5m": [run(0.1, 700, None)]}, "rm": {"5m": [run(0.1, 700, None)]},
+               "bf16": {"5m": {"SFT": [run(0.1, 700, None)]}}, "peaks": [{**peak, "float32_gflops": 100.0}], "minutes": 1.0}
     args = bench_dpo.parse(["--model", "5m"])
     text = bench_dpo.report(results, args, {**_machine(), "date": "2026-01-01"})
     assert "2.00 (met)" in text and "0.80 (met)" in text  # tokens/s ours/TRL, RSS ours/TRL
-    assert "| 5m | RM |" in text and "| 5m | SFT |" in text
+    assert "| 5m | RM |" in text and "| 5m | SFT |" in text and "| 5m | SFT, bf16 (of the bf16 peak) |" in text
 
 
 def _machine() -> dict:
