@@ -56,12 +56,7 @@ def chunked_token_logps(
     (``keep_logits_bytes=0`` always recomputes). Slice logits are computed in the input dtype (or the autocast
     dtype, which backward restores) and reduced in fp32.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_options(chunk_size, softcap, temperature)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
     flat_labels = labels.reshape(-1)  # (B*T,)
     logps = _ChunkedTokenLogps.apply(flat_hidden, lm_head_weight, lm_head_bias, flat_labels, chunk_size,
@@ -87,8 +82,7 @@ def chunked_token_logps_and_entropy(
     Per slice k: s_k = logsumexp(z_k) and e_k = sum_v softmax(z_k)_v z_v. Then lse = logsumexp_k(s_k) and
     H = lse - sum_k exp(s_k - lse) e_k (H = lse - E_p[z]; exact). Same shapes and dtypes as ``chunked_token_logps``;
     returns (logps, entropy), both (B, T), 0 where ``labels == ignore_index``."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    _check_options(chunk_size, softcap, temperature)
     x = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_labels = labels.reshape(-1)
     valid = flat_labels != ignore_index
@@ -104,15 +98,29 @@ def chunked_token_logps_and_entropy(
         mean_k = (p * torch.where(torch.isfinite(z), z, 0.0)).sum(-1)  # E[z] within the slice; 0 log 0 = 0
         slice_lse.append(lse_k)
         slice_mean.append(torch.where(finite, mean_k, 0.0))
-        inside = (safe_labels >= start) & (safe_labels < end)
-        local = (safe_labels - start).clamp(0, end - start - 1)
-        picked = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), picked)
+        picked = _pick_labels(picked, z, safe_labels, start, end)
     lses = torch.stack(slice_lse, dim=-1)  # (N, K)
     lse = torch.logsumexp(lses, dim=-1)  # (N,)
     weights = torch.exp(lses - lse.unsqueeze(1))  # each slice's share of the probability mass
     entropy = lse - (weights * torch.stack(slice_mean, dim=-1)).sum(-1)
     logps = torch.where(valid, picked - lse, 0.0)
     return logps.view(labels.shape), torch.where(valid, entropy, 0.0).view(labels.shape)
+
+
+def _check_options(chunk_size: int, softcap: float | None, temperature: float) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def _pick_labels(picked: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """``picked`` (N,) with the label logit taken from slice z (N, C) of vocab rows [start, end) where it lies."""
+    inside = (labels >= start) & (labels < end)
+    local = (labels - start).clamp(0, end - start - 1)
+    return torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), picked)
 
 
 def _reduce_dtype(t: torch.Tensor) -> torch.dtype:
@@ -160,9 +168,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             slice_lse.append(torch.logsumexp(z, dim=-1))
             if keep:
                 kept.append(z)
-            inside = (safe_labels >= start) & (safe_labels < end)
-            local = (safe_labels - start).clamp(0, end - start - 1)
-            picked = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), picked)
+            picked = _pick_labels(picked, z, safe_labels, start, end)
         lse = torch.logsumexp(torch.stack(slice_lse, dim=-1), dim=-1)  # (N, n_slices) -> (N,)
         ctx.save_for_backward(x, weight, bias, safe_labels, valid, lse)
         ctx.kept = kept if keep else None  # intermediates (not inputs or outputs): backward-once, so kept on ctx
