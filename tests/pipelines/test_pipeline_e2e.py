@@ -179,6 +179,17 @@ def test_two_ray_train_workers_with_zero3_match_one_process(tmp_path, env):
             assert (a[name] - b[name]).abs().max() < 1e-4, (stage, name)
 
 
+def _logged_past_checkpoint(stage_dir, checkpoints, minimum: int) -> bool:
+    """True when the newest checkpoint is at step >= ``minimum`` and metrics.jsonl has a training step after it."""
+    saved = [int(p.name[5:]) for p in checkpoints.glob("step-*") if p.name[5:].isdigit()]
+    if not saved or max(saved) < minimum:
+        return False
+    path = stage_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()[:-1] if path.exists() else []  # the last line may be half written
+    logged = [json.loads(line)["step"] for line in lines if '"train/loss"' in line]
+    return bool(logged) and max(logged) > max(saved)
+
+
 def test_a_dead_stage_worker_is_retried_by_ray_and_resumes(tmp_path, env):
     """kill -9 the Ray worker process running DPO (not the driver): Ray restarts the task (resources.max_retries)
     and the new attempt resumes from the stage's last checkpoint, ending with the adapter of an uninterrupted run."""
@@ -191,11 +202,13 @@ def test_a_dead_stage_worker_is_retried_by_ray_and_resumes(tmp_path, env):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
+        # kill once a checkpoint at step >= 40 exists and a later step has been logged, so the retry must replay
+        # logged steps (a kill right after a checkpoint and before the next log line would leave nothing to replay)
         checkpoints = run_dir / "dpo" / "checkpoints"
         deadline = time.time() + 300
-        while time.time() < deadline and not any(int(p.name[5:]) >= 40 for p in checkpoints.glob("step-*")):
+        while time.time() < deadline and not _logged_past_checkpoint(run_dir / "dpo", checkpoints, 40):
             assert proc.poll() is None, "the run ended before its worker could be killed"
-            time.sleep(0.2)
+            time.sleep(0.05)
         worker = subprocess.run(["pgrep", "-f", "ray::align:dpo"], capture_output=True, text=True).stdout.split()
         assert len(worker) == 1, worker
         os.kill(int(worker[0]), signal.SIGKILL)
