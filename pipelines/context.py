@@ -75,7 +75,8 @@ class StageContext:
         device = resolve_device(self.cfg.model.device)
         if distributed() and device.type == "cuda":  # one GPU per DeepSpeed rank
             device = torch.device("cuda", torch.cuda.current_device())
-        base, tok = load_base(model_dir, quantization=self.cfg.model.quantization, dtype=dtype, device=device)
+        base, tok = load_base(model_dir, quantization=self.cfg.model.quantization, dtype=dtype, device=device,
+                              attn_implementation=self.cfg.model.attn_implementation)
         self.device = str(device)
         model = AdapterModel(base)
         for stage in adapters:

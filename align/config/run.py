@@ -43,13 +43,17 @@ class PipelineSpec:
 class ModelSpec:
     """``model.path``: a local transformers model directory; null builds (once, cached) the embedded task's tiny
     base. ``target_modules``: the layers adapters wrap ('all-linear', a list of names, or a regex). ``device``:
-    'auto' (a GPU when the stage's process sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    'auto' (a GPU when the stage's process sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.
+    ``attn_implementation``: transformers' attention kernel; 'auto' keeps the model's default (SDPA), 'eager' is
+    the plain-matmul path (faster for short bf16 sequences on CPU, O(T^2) memory), 'flash_attention_2' needs the
+    flash-attn package and a GPU."""
 
     name: str = "embedded"
     path: str | None = None
     quantization: Literal["none", "nf4", "int8"] = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     target_modules: str | list[str] = "all-linear"
     embedded: EmbeddedBaseConfig = field(default_factory=EmbeddedBaseConfig)
 
@@ -350,6 +354,9 @@ def validate(cfg: RunConfig) -> None:
         if needed is not None and needed not in stages[:i]:
             raise ConfigError("pipeline.stages", list(stages),
                               f"the stage {stage!r} after ['{needed}'] (it reads their artifacts){hint}")
+    if cfg.model.attn_implementation == "flash_attention_2" and cfg.model.device == "cpu":
+        raise ConfigError("model.attn_implementation", "flash_attention_2",
+                          "'auto', 'sdpa' or 'eager' with model.device=cpu (flash-attention kernels run on GPUs only)")
     if "eval" in stages and stages[-1] != "eval":
         raise ConfigError("pipeline.stages", list(stages), "'eval' as the last stage")
     policy = [s for s in stages if s in POLICY_STAGES]

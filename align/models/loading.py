@@ -18,14 +18,18 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_base(path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu"):
+              device: str | torch.device = "cpu", attn_implementation: str = "auto"):
     """The frozen base for every role, and its tokenizer. quantization: 'none', 'nf4' (4-bit, QLoRA) or 'int8'.
-    ``device``: where the base lives ('cpu', 'cuda', 'cuda:1'); adapters are created beside their layers."""
+    ``device``: where the base lives ('cpu', 'cuda', 'cuda:1'); adapters are created beside their layers.
+    ``attn_implementation``: 'auto' (the model's default) or a transformers attention kernel ('sdpa', 'eager',
+    'flash_attention_2')."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"model.quantization={quantization!r}: expected one of {QUANTIZATIONS}")
     if not Path(path).exists() and Path(path).is_absolute():
         raise FileNotFoundError(f"model.path={path}: no such directory (align never downloads from a path)")
     kwargs: dict = {"dtype": dtype}
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
     if quantization != "none":
         from transformers import BitsAndBytesConfig
 

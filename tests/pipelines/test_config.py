@@ -100,6 +100,26 @@ def test_wrong_types_name_the_key_and_the_expected_type(override, key, expected)
     assert str(error) == f"{key}={override.split('=')[1]!r}: expected {expected}"
 
 
+def test_attention_implementation_is_typed_and_passed_to_the_loader(tmp_path):
+    """model.attn_implementation: a typed choice (a bad one names the options) that load_base hands to
+    transformers; 'auto' keeps the model's default."""
+    from align.data.synthetic import build_tokenizer
+    from align.models.loading import load_base
+    from align.models.tiny import tiny_llama
+
+    assert compose_run_config([]).model.attn_implementation == "auto"
+    assert compose_run_config(["model.attn_implementation=eager"]).model.attn_implementation == "eager"
+    error = _error(["model.attn_implementation=flash"])
+    assert error.key == "model.attn_implementation" and "eager" in str(error)
+    error = _error(["model.attn_implementation=flash_attention_2", "model.device=cpu"])
+    assert error.key == "model.attn_implementation" and "GPUs only" in str(error)
+    tokenizer = build_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert load_base(tmp_path, attn_implementation="eager")[0].config._attn_implementation == "eager"
+    assert load_base(tmp_path)[0].config._attn_implementation == "sdpa"
+
+
 def test_bad_group_option_lists_the_options_and_suggests_one():
     error = _error(["pipeline=dpoo"])
     assert error.key == "pipeline" and error.value == "dpoo"
