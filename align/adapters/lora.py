@@ -122,6 +122,8 @@ class LoraModule(AdapterModule):
         update = self.lora_B(self.lora_A(x) * self.scaling)
         if self.bias is not None:  # skipped otherwise: adding 0 would allocate another (B, T, out) tensor
             update = update + self._bias_shift(base_layer)
+        if bl.is_8bit(base_layer):  # its output is a view made inside bitsandbytes' autograd Function (3-D
+            return result + update.to(result.dtype)  # input), which autograd forbids changing in place
         # in place: the base layer's output is a fresh tensor no backward reads (a linear saves its input, not its
         # output), so this saves a (B, T, out) allocation per layer; autograd's version check would catch a base
         # layer that did save it

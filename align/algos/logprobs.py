@@ -59,6 +59,8 @@ def chunked_token_logps(
     _check_options(chunk_size, softcap, temperature)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
     flat_labels = labels.reshape(-1)  # (B*T,)
+    if not torch.is_grad_enabled():  # no backward will come: keep nothing
+        keep_logits_bytes = 0
     logps = _ChunkedTokenLogps.apply(flat_hidden, lm_head_weight, lm_head_bias, flat_labels, chunk_size,
                                      softcap, temperature, ignore_index, keep_logits_bytes)
     return logps.view(labels.shape)  # (B, T)

@@ -67,7 +67,10 @@ def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_pe
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     head_adapter = _head_adapter_runs(model, head)
-    if with_entropy and not head_adapter and not (torch.is_grad_enabled() and selected.requires_grad):
+    bias = getattr(head, "bias", None)
+    needs_grad = torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if with_entropy and not head_adapter and not needs_grad:
         # scoring without gradients: log-probs and entropy from one pass over the vocabulary slices
         logps, entropy = chunked_token_logps_and_entropy(
             selected, head.weight, labels, chunk_size, lm_head_bias=getattr(head, "bias", None), softcap=softcap,

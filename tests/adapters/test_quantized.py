@@ -98,6 +98,19 @@ def eval_no_grad_pass(module: nn.Module, x: torch.Tensor) -> None:
         module(x)
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+@pytest.mark.parametrize("train", [True, False])
+def test_lora_backward_on_quantized_base_in_train_and_eval_mode(mode, train, input_ids):
+    """RL trainers put the model in eval mode and still train; in eval mode bitsandbytes' int8 layer returns a
+    view made inside its autograd Function, which must not be changed in place. Gradients reach both LoRA
+    matrices of every adapted layer (B is nudged off zero so A gets a gradient too)."""
+    model = with_adapter(quantized_llama(mode), LoraConfig(r=4, init_lora_weights=False))
+    model.train(train)
+    lm_loss(model, input_ids).backward()
+    grads = [p.grad for p in model.adapter_parameters("a")]
+    assert len(grads) == 28 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 # ------------------------------------------------------------------------------------------------- 1. training
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_lora_trains_on_quantized_base_and_leaves_it_untouched(mode, input_ids):

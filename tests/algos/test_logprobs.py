@@ -180,6 +180,8 @@ def test_chunked_peak_memory_stays_below_full_logits():
     assert run(logits_bytes - 1) < logits_bytes / 2
     assert run(logits_bytes) >= logits_bytes
     kept_grads = (hidden.grad, weight.grad)
+    with torch.no_grad():  # no backward will come: nothing is kept, whatever the budget
+        assert _peak_allocated_bytes(lambda: chunked_token_logps(hidden, weight, labels, 4096)) < logits_bytes / 2
     hidden.grad = weight.grad = None
     full = _peak_allocated_bytes(lambda: token_logps(hidden @ weight.T, labels).sum().backward())
     assert full >= logits_bytes, (full, logits_bytes)

@@ -109,3 +109,8 @@ def test_scoring_logps_and_entropy_follow_the_sampling_temperature():
         assert mask.sum() == 7 and logps[~mask].eq(0).all() and entropy[~mask].eq(0).all()
         plain, _ = response_token_logps(model, batch, temperature=2.0)
         torch.testing.assert_close(plain, logps.detach())
+    # a trainable output head alone (the hidden states need no gradient) also takes the differentiable path
+    model.set_active(None)
+    model.model.get_output_embeddings().weight.requires_grad_(True)
+    logps, _, _ = response_logps_and_entropy(model, batch, chunk_size=50, temperature=2.0)
+    assert logps.requires_grad
