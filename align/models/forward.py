@@ -73,7 +73,7 @@ def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_pe
     if with_entropy and not head_adapter and not needs_grad:
         # scoring without gradients: log-probs and entropy from one pass over the vocabulary slices
         logps, entropy = chunked_token_logps_and_entropy(
-            selected, head.weight, labels, chunk_size, lm_head_bias=getattr(head, "bias", None), softcap=softcap,
+            selected, head.weight, labels, chunk_size, lm_head_bias=bias, softcap=softcap,
             temperature=temperature)  # (N,), (N,)
         return _scatter(logps, mask), _scatter(entropy, mask), mask
     if head_adapter:
@@ -82,9 +82,8 @@ def _response_logps(model, batch, chunk_size, temperature, with_entropy, rows_pe
         logits = _head_logits(head, selected, softcap, temperature)  # (N, V)
         logps = torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)  # (N,)
     else:
-        logps = chunked_token_logps(selected[None], head.weight, labels[None], chunk_size,
-                                    lm_head_bias=getattr(head, "bias", None), softcap=softcap,
-                                    temperature=temperature)[0]  # (N,)
+        logps = chunked_token_logps(selected[None], head.weight, labels[None], chunk_size, lm_head_bias=bias,
+                                    softcap=softcap, temperature=temperature)[0]  # (N,)
     token_logps = _scatter(logps, mask)
     if not with_entropy:
         return token_logps, mask, None
