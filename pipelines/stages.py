@@ -41,14 +41,11 @@ def _split_tail(rows, n: int):
     return rows.select(range(len(rows) - n)), rows.select(range(len(rows) - n, len(rows)))
 
 
-def _prompt_texts(path: str, key: str, limit: int | None = None) -> list[str]:
-    from align.data import load_source
+def _prompts(ctx: StageContext, path: str, key: str, limit: int | None = None) -> list:
+    """The prompts of ``path`` as written (strings or conversations), validated with ``key`` in the errors."""
+    from align.data import load_prompts
 
-    rows = load_source(path, key=key)
-    if "prompt" not in rows.column_names:
-        raise ValueError(f"{key}={path}: expected a 'prompt' field in every row (columns: {rows.column_names})")
-    texts = rows["prompt"]
-    return list(texts[:limit] if limit else texts)
+    return load_prompts(path, key, limit, on_bad_rows=ctx.cfg.data.on_bad_rows)
 
 
 # ------------------------------------------------------------------------------------------------ base
@@ -156,7 +153,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
         source = ctx.data_path("prompts", "prompts.jsonl")
         if not pairs_file.is_file() and rank() == 0:  # sampled once; a resumed stage trains on the same pairs
             start = time.perf_counter()
-            prompts = _prompt_texts(source, "data.prompts", st.extras.pair_prompts)
+            prompts = _prompts(ctx, source, "data.prompts", st.extras.pair_prompts)
             rows = sample_preference_pairs(model, "sft" if has_sft else None, tok, prompts,
                                            get_reward_function(st.extras.pair_reward), k=st.extras.pair_samples,
                                            max_new_tokens=st.extras.pair_max_new_tokens, seed=ctx.cfg.run.seed + 11)
@@ -230,7 +227,7 @@ def run_eval(ctx: StageContext) -> StageResult:
 
     from align.config.rl import RolloutConfig
     from align.models.forward import response_token_logps
-    from align.models.generate import encode_prompts
+    from align.models.generate import encode_prompts, prompt_text
     from align.trainers.reward_model import sequence_rewards
     from align.trainers.rollout import generate_rollout
     from reward.evaluate import compare
@@ -247,7 +244,7 @@ def run_eval(ctx: StageContext) -> StageResult:
         model.load_adapter(ctx.manifest.artifact(policy, "adapter"), "eval_policy")
     policy_adapter = "eval_policy" if policy != "sft" else "sft"
     path = ctx.data_path("eval_prompts", "eval_prompts.jsonl")
-    prompts = _prompt_texts(path, "data.eval_prompts", ev.prompts)
+    prompts = _prompts(ctx, path, "data.eval_prompts", ev.prompts)
     prompt_ids = encode_prompts(tok, prompts)
     rollout_cfg = RolloutConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                 generation_batch_size=64)
@@ -285,7 +282,7 @@ def run_eval(ctx: StageContext) -> StageResult:
         "win_rate": comparison.win_rate, "wins": int((p["scores"] > r["scores"]).sum()),
         "ties": int((p["scores"] == r["scores"]).sum()), "losses": int((p["scores"] < r["scores"]).sum()),
         "kl_to_reference": p["kl"], "policy_length": p["length"], "reference_length": r["length"],
-        "examples": [{"prompt": prompts[i], "policy": p["responses"][i], "reference": r["responses"][i],
+        "examples": [{"prompt": prompt_text(prompts[i]), "policy": p["responses"][i], "reference": r["responses"][i],
                       "policy_score": p["scores"][i].item(), "reference_score": r["scores"][i].item()}
                      for i in range(min(5, len(prompts)))],
     }

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from align.adapters import AdapterModel
-from align.models.generate import sample
+from align.models.generate import prompt_text, sample
 
 from .functions import RewardFn
 
@@ -21,21 +21,29 @@ from .functions import RewardFn
 def sample_preference_pairs(model: AdapterModel, adapter: str | None, tokenizer, prompts: Sequence[str],
                             reward_fn: RewardFn, k: int = 4, max_new_tokens: int = 64, temperature: float = 1.0,
                             seed: int = 0) -> list[dict]:
-    """Rows {prompt, chosen, rejected, chosen_score, rejected_score} (best and worst of ``k`` samples)."""
+    """Rows {prompt, chosen, rejected, chosen_score, rejected_score} (best and worst of ``k`` samples). A prompt is
+    a string or a conversation (a list of messages); for a conversation chosen/rejected are assistant turns."""
     if k < 2:
         raise ValueError(f"k={k}: need at least two samples per prompt to form a pair")
     samples = [sample(model, adapter, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                       seed=seed + i) for i in range(k)]
-    scores = [reward_fn(prompts, responses).tolist() for responses in samples]
+    texts = [prompt_text(p) for p in prompts]  # reward functions see words, not message lists
+    scores = [reward_fn(texts, responses).tolist() for responses in samples]
     rows = []
     for i, prompt in enumerate(prompts):
         ranked = sorted(((scores[j][i], samples[j][i]) for j in range(k)), key=lambda pair: pair[0])
         (low, worst), (high, best) = ranked[0], ranked[-1]
         if high == low or not best.strip() or not worst.strip() or best.strip() == worst.strip():
             continue
+        if not isinstance(prompt, str):  # a conversation's pair is written as assistant turns
+            prompt, best, worst = list(prompt), _assistant(best), _assistant(worst)
         rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_score": high,
                      "rejected_score": low})
     return rows
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

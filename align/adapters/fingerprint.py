@@ -51,7 +51,8 @@ def _embedding_probe(model: nn.Module) -> list[float]:
     if embed is None or embed.weight.device.type == "meta":
         return []
     flat = embed.weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, _PROBE_SIZE).long()
+    # integer positions: a float32 linspace rounds n - 1 up to n once n passes 2^24 (every real vocabulary)
+    idx = torch.arange(_PROBE_SIZE, dtype=torch.int64) * (flat.numel() - 1) // (_PROBE_SIZE - 1)
     return [float(v) for v in flat[idx].float()]  # full precision: embeddings may be tiny (~1e-4)
 
 

@@ -58,6 +58,18 @@ def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: 
     return _prepare(cfg, tokenizer, "prompt", split)
 
 
+def load_prompts(source: str, key: str, limit: int | None = None, on_bad_rows: str = "error") -> list:
+    """The prompts of a file as written (a string, or a conversation as a tuple of messages), validated like
+    every other use of the file (row-numbered errors naming ``key``): what sampling for evaluation and
+    on-policy pairs starts from. ``limit``: the first ``limit`` prompts."""
+    raw = load_source(source, key)
+    layout = detect_format(raw.column_names, "auto", "prompt", source_name(source))
+    examples, problems = validate_rows(raw, layout, "prompt")
+    require_rows(enforce(problems, on_bad_rows, source_name(source), len(raw)))
+    prompts = [e.prompt for e in examples]
+    return prompts[:limit] if limit else prompts
+
+
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, use: str, split: str) -> datasets.Dataset:
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")

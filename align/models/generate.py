@@ -11,12 +11,27 @@ from align.adapters import AdapterModel
 from .device import device_of
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt ids through the chat template (user turn + generation prompt) when the tokenizer has one."""
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a string is one user turn, a conversation (list/tuple of messages) stays."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def prompt_text(prompt) -> str:
+    """The words of a prompt for reward functions and reports: a string as it is, a conversation's last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else str(prompt[-1]["content"])
+
+
+def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
+    """Prompt ids through the chat template (the conversation + generation prompt) when the tokenizer has one.
+    A prompt is a string (one user turn) or a conversation (a list of {role, content} messages)."""
     if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                              add_generation_prompt=True, return_dict=True)["input_ids"]
-                for p in prompts]
+        return [tokenizer.apply_chat_template(as_messages(p), tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"] for p in prompts]
+    if any(not isinstance(p, str) for p in prompts):
+        raise ValueError("conversational prompts need a tokenizer with a chat template (tokenizer.chat_template)")
     return [tokenizer(p).input_ids for p in prompts]
 
 
