@@ -40,7 +40,7 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("eval/nll", "eval/perplexity", "eval/loss"),
     "rm": ("eval/accuracy", "eval/margin", "eval/loss"),
     "dpo": ("eval/accuracy", "eval/margin", "eval/nll", "eval/loss"),
-    "eval": ("win_rate", "policy_score_mean", "reference_score_mean", "kl_to_reference"),
+    "eval": ("win_rate", "policy_score_mean", "reference_score_mean", "pairs_accuracy", "kl_to_reference"),
     **{rl: ("reward/score_mean", "kl", "entropy", "response_length") for rl in RL_STAGES},
 }
 # Logged every step but rarely what a reader wants to see in a one-line summary.
@@ -300,20 +300,32 @@ def _eval_section(result: Mapping[str, Any]) -> list[str]:
     if not result:
         return ["## Evaluation", "", "No evaluation result (`eval/result.json`) yet.", ""]
     policy, reference = str(result.get("policy", "policy")), str(result.get("reference", "reference"))
-    lines = [
-        "## Evaluation", "",
-        f"`{policy}` against `{reference}` on {result.get('prompts', '?')} prompts, scored by "
-        f"{result.get('reward', 'the reward')}.", "",
-        "| | policy | reference |", "|---|---:|---:|",
-        f"| mean score | {_fixed(result.get('policy_score_mean'))} ± {_fixed(result.get('policy_score_std'))} "
-        f"| {_fixed(result.get('reference_score_mean'))} ± {_fixed(result.get('reference_score_std'))} |",
-        f"| mean length | {_fixed(result.get('policy_length'), 1)} | {_fixed(result.get('reference_length'), 1)} |",
-        "",
-        f"- **win-rate:** {_percent(result.get('win_rate'))} "
-        f"({result.get('wins', '?')} wins / {result.get('ties', '?')} ties / {result.get('losses', '?')} losses)",
-        f"- **KL to reference:** {_fixed(result.get('kl_to_reference'))} nats per response",
-        "",
-    ]
+    scored = "win_rate" in result
+    lines = ["## Evaluation", "",
+             f"`{policy}` against `{reference}` on {result.get('prompts', '?')} prompts, "
+             + (f"scored by {result.get('reward', 'the reward')}." if scored else
+                "not scored (eval.reward=none: no reward model or function was given)."), "",
+             "| | policy | reference |", "|---|---:|---:|"]
+    if scored:
+        lines.append(f"| mean score | {_fixed(result.get('policy_score_mean'))} ± "
+                     f"{_fixed(result.get('policy_score_std'))} | {_fixed(result.get('reference_score_mean'))} ± "
+                     f"{_fixed(result.get('reference_score_std'))} |")
+    lines.append(f"| mean length | {_fixed(result.get('policy_length'), 1)} | "
+                 f"{_fixed(result.get('reference_length'), 1)} |")
+    if "pairs_accuracy" in result:
+        lines.append(f"| held-out pairs: chosen more likely | {_percent(result.get('pairs_policy_logp_accuracy'))} | "
+                     f"{_percent(result.get('pairs_reference_logp_accuracy'))} |")
+    lines.append("")
+    if scored:
+        lines.append(f"- **win-rate:** {_percent(result.get('win_rate'))} ({result.get('wins', '?')} wins / "
+                     f"{result.get('ties', '?')} ties / {result.get('losses', '?')} losses)")
+    lines.append(f"- **KL to reference:** {_fixed(result.get('kl_to_reference'))} nats per response")
+    if "pairs_accuracy" in result:
+        lines.append(f"- **held-out preference accuracy:** {_percent(result.get('pairs_accuracy'))} of "
+                     f"{result.get('pairs', '?')} pairs ranked right by the implicit reward beta*log(pi/pi_ref), "
+                     f"mean margin {_fixed(result.get('pairs_margin'))} (chosen {_fixed(result.get('pairs_chosen_reward'))}, "
+                     f"rejected {_fixed(result.get('pairs_rejected_reward'))})")
+    lines.append("")
     examples = [e for e in result.get("examples") or [] if isinstance(e, Mapping)][:EXAMPLES]
     if examples:
         lines += ["### Examples", ""]
@@ -356,11 +368,16 @@ def summary_lines(run_dir: str | Path) -> list[str]:
              f"stages: {stages or 'none'}"]
     result = _read_json(run_dir / "eval" / "result.json")
     if result:
-        lines.append(f"eval: win-rate {_percent(result.get('win_rate'))} "
-                     f"({result.get('wins', '?')}/{result.get('ties', '?')}/{result.get('losses', '?')} W/T/L) | "
-                     f"score {_fixed(result.get('policy_score_mean'))} vs "
-                     f"{_fixed(result.get('reference_score_mean'))} | "
-                     f"KL {_fixed(result.get('kl_to_reference'))} nats")
+        parts = []
+        if "win_rate" in result:
+            parts += [f"win-rate {_percent(result.get('win_rate'))} ({result.get('wins', '?')}/"
+                      f"{result.get('ties', '?')}/{result.get('losses', '?')} W/T/L)",
+                      f"score {_fixed(result.get('policy_score_mean'))} vs {_fixed(result.get('reference_score_mean'))}"]
+        if "pairs_accuracy" in result:
+            parts.append(f"held-out pair accuracy {_percent(result.get('pairs_accuracy'))} "
+                         f"(margin {_fixed(result.get('pairs_margin'))})")
+        parts.append(f"KL {_fixed(result.get('kl_to_reference'))} nats")
+        lines.append("eval: " + " | ".join(parts))
     if (run_dir / REPORT).is_file():
         lines.append(f"report: {run_dir / REPORT}")
     return lines

@@ -57,6 +57,11 @@ def run_base(ctx: StageContext) -> StageResult:
         info = build_embedded_base(cfg.data.embedded, cfg.model.embedded)
         metrics = {k: v for k, v in info.report.items() if isinstance(v, (int, float))}
         model_dir, data_dir = info.model_dir, info.data_dir
+    elif cfg.gguf_path is not None:
+        from align.models.convert import convert_gguf, gguf_cache_dir
+
+        model_dir, data_dir = convert_gguf(cfg.gguf_path, gguf_cache_dir(cfg.gguf_path)), None
+        metrics = {}
     else:
         model_dir, data_dir = Path(cfg.model.path), None
         if not (model_dir / "config.json").is_file():
@@ -230,14 +235,13 @@ def run_eval(ctx: StageContext) -> StageResult:
     from align.models.generate import encode_prompts, prompt_text
     from align.trainers.reward_model import sequence_rewards
     from align.trainers.rollout import generate_rollout
-    from reward.evaluate import compare
     from reward.functions import get_reward_function
 
     cfg, ev = ctx.cfg, ctx.cfg.eval
     stages = cfg.pipeline.stages
     policy = policy_stage(stages[: stages.index("eval")])
     reference = "sft" if policy != "sft" and "sft" in stages else None
-    reward_name = cfg.eval_reward  # validated: 'model' only with an rm stage
+    reward_name = cfg.eval_reward  # validated: 'model' only with an rm stage; 'none': no scored samples
     loaded = [s for s in ("sft", "rm") if s in stages and (s == "sft" or reward_name == "model")]
     model, tok = ctx.load_model(tuple(loaded))
     if policy != "sft":
@@ -261,10 +265,11 @@ def run_eval(ctx: StageContext) -> StageResult:
             rollout = generate_rollout(model, adapter, prompt_ids, rollout_cfg, tok.eos_token_id, tok.pad_token_id)
             rollout.decode(tok)
             batch = rollout.batch()
+            scores = None
             if head is not None:
                 scores = torch.cat([sequence_rewards(model, head, rollout.batch(slice(i, i + 64)), "reward")
                                     for i in range(0, len(rollout), 64)]).float()
-            else:
+            elif reward_name != "none":
                 scores = get_reward_function(reward_name)(rollout.prompts, rollout.responses)
             with model.use(adapter):
                 logps, mask = response_token_logps(model, batch)
@@ -273,26 +278,64 @@ def run_eval(ctx: StageContext) -> StageResult:
             results[name] = {"scores": scores, "responses": rollout.responses,
                              "kl": ((logps - ref_logps) * mask).sum(1).mean().item(),
                              "length": rollout.response_lengths.float().mean().item()}
+        pairs = _heldout_pairs(ctx, model, tok, policy_adapter, reference)
     p, r = results["policy"], results["reference"]
-    comparison = compare(p["scores"], r["scores"])
-    result = {
-        "policy": policy, "reference": reference or "base", "reward": reward_name, "prompts": len(prompts),
-        "policy_score_mean": comparison.mean_a, "reference_score_mean": comparison.mean_b,
-        "policy_score_std": p["scores"].std().item(), "reference_score_std": r["scores"].std().item(),
-        "win_rate": comparison.win_rate, "wins": int((p["scores"] > r["scores"]).sum()),
-        "ties": int((p["scores"] == r["scores"]).sum()), "losses": int((p["scores"] < r["scores"]).sum()),
-        "kl_to_reference": p["kl"], "policy_length": p["length"], "reference_length": r["length"],
-        "examples": [{"prompt": prompt_text(prompts[i]), "policy": p["responses"][i], "reference": r["responses"][i],
-                      "policy_score": p["scores"][i].item(), "reference_score": r["scores"][i].item()}
-                     for i in range(min(5, len(prompts)))],
-    }
+    result = {"policy": policy, "reference": reference or "base", "reward": reward_name, "prompts": len(prompts),
+              "kl_to_reference": p["kl"], "policy_length": p["length"], "reference_length": r["length"],
+              **_score_summary(p["scores"], r["scores"]), **pairs}
+    result["examples"] = [{"prompt": prompt_text(prompts[i]), "policy": p["responses"][i],
+                           "reference": r["responses"][i]} for i in range(min(5, len(prompts)))]
+    if p["scores"] is not None:
+        for i, example in enumerate(result["examples"]):
+            example.update(policy_score=p["scores"][i].item(), reference_score=r["scores"][i].item())
     from .manifest import write_json_atomic
 
     write_json_atomic(ctx.dir / "result.json", result)
-    metrics = {k: result[k] for k in ("win_rate", "policy_score_mean", "reference_score_mean", "kl_to_reference")}
+    keys = ("win_rate", "policy_score_mean", "reference_score_mean", "kl_to_reference", "pairs_accuracy",
+            "pairs_margin")
+    metrics = {k: result[k] for k in keys if k in result}
     with ctx.tracker() as tracker:
         tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=0)
-    return StageResult(metrics, {"result": ctx.rel(ctx.dir / "result.json")}, _inputs(path))
+    return StageResult(metrics, {"result": ctx.rel(ctx.dir / "result.json")}, _inputs(path, pairs.get("pairs_file")))
+
+
+def _score_summary(policy, reference) -> dict:
+    """Means, spreads and the paired win-rate of two score tensors (N,); empty when nothing scored them."""
+    if policy is None:
+        return {}
+    from reward.evaluate import compare
+
+    comparison = compare(policy, reference)
+    return {"policy_score_mean": comparison.mean_a, "reference_score_mean": comparison.mean_b,
+            "policy_score_std": policy.std().item(), "reference_score_std": reference.std().item(),
+            "win_rate": comparison.win_rate, "wins": int((policy > reference).sum()),
+            "ties": int((policy == reference).sum()), "losses": int((policy < reference).sum())}
+
+
+def _heldout_pairs(ctx: StageContext, model, tok, policy: str, reference: str | None) -> dict:
+    """The policy on held-out preference pairs (``data.preferences_eval``, the embedded task's own on the embedded
+    base): the share of pairs whose implicit reward beta * log(pi / pi_ref) ranks chosen above rejected, the mean
+    margin (beta = trainer.dpo.beta), and how often the policy and the reference give the chosen response the
+    higher log-probability. No reward model needed. Empty without held-out pairs."""
+    from align.data import PreferenceCollator, prepare_preferences
+    from align.trainers.dpo import evaluate_pairs
+
+    path = ctx.cfg.data.preferences_eval or (ctx.data_path("preferences_eval", "preferences_eval.jsonl")
+                                             if ctx.cfg.embedded else None)
+    if not path or ctx.cfg.eval.pairs == 0:
+        return {}
+    held = prepare_preferences(_data(ctx, path), tok)
+    held = held.select(range(min(len(held), ctx.cfg.eval.pairs)))
+    method = replace(ctx.cfg.trainer["dpo"].method, policy=policy, reference=reference, loss="sigmoid",
+                     rpo_alpha=0.0)
+    found = evaluate_pairs(model, held, PreferenceCollator(tok.pad_token_id), method)
+    ref_found = evaluate_pairs(model, held, PreferenceCollator(tok.pad_token_id),
+                               replace(method, policy=reference))
+    return {"pairs": len(held), "pairs_file": path, "pairs_accuracy": found["eval/rewards/accuracy"],
+            "pairs_margin": found["eval/rewards/margin"], "pairs_chosen_reward": found["eval/rewards/chosen"],
+            "pairs_rejected_reward": found["eval/rewards/rejected"],
+            "pairs_policy_logp_accuracy": found["eval/logps/accuracy"],
+            "pairs_reference_logp_accuracy": ref_found["eval/logps/accuracy"]}
 
 
 STAGES = {"base": run_base, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "ppo": run_rl, "grpo": run_rl,

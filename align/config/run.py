@@ -42,7 +42,9 @@ class PipelineSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """``model.path``: a local transformers model directory; null builds (once, cached) the embedded task's tiny
-    base. ``target_modules``: the layers adapters wrap ('all-linear', a list of names, or a regex). ``device``:
+    base. ``gguf_file``: a GGUF model file instead (absolute, or relative to ``model.path``), converted once into
+    a transformers directory under the align cache by the base stage (``python -m align.convert`` does the same
+    by hand). ``target_modules``: the layers adapters wrap ('all-linear', a list of names, or a regex). ``device``:
     'auto' (a GPU when the stage's process sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.
     ``attn_implementation``: transformers' attention kernel; 'auto' keeps the model's default (SDPA), 'eager' is
     the plain-matmul path (faster for short bf16 sequences on CPU, O(T^2) memory), 'flash_attention_2' needs the
@@ -50,6 +52,7 @@ class ModelSpec:
 
     name: str = "embedded"
     path: str | None = None
+    gguf_file: str | None = None
     quantization: Literal["none", "nf4", "int8"] = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
@@ -138,14 +141,17 @@ class TrackingSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     """The final evaluation: one sample per held-out prompt from the trained policy and from its reference,
-    scored by ``reward`` ('auto': the ground-truth scorer on the embedded task, the reward model otherwise; or a
-    reward function's name)."""
+    scored by ``reward`` ('auto': the ground-truth scorer on the embedded task, the reward model when an 'rm'
+    stage runs, else 'none'; or a reward function). 'none' scores no samples: the evaluation then reports the KL,
+    lengths and samples, and -- as always when held-out pairs exist (``data.preferences_eval``) -- the policy's
+    preference accuracy and implicit-reward margin on up to ``pairs`` of them."""
 
     prompts: int = 300
     max_new_tokens: int = 64
     temperature: float = 1.0
     seed: int = 1
     reward: str = "auto"
+    pairs: int = 500
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -252,7 +258,14 @@ class RunConfig:
 
     @property
     def embedded(self) -> bool:
-        return self.model.path is None
+        return self.model.path is None and self.model.gguf_file is None
+
+    @property
+    def gguf_path(self) -> str | None:
+        """``model.gguf_file`` resolved against ``model.path``; None without a GGUF file."""
+        if self.model.gguf_file is None:
+            return None
+        return os.path.join(self.model.path or "", os.path.expanduser(self.model.gguf_file))
 
     @property
     def run_dir(self) -> str:
@@ -266,11 +279,13 @@ class RunConfig:
 
     @property
     def eval_reward(self) -> str:
-        """What scores the evaluation: ``eval.reward``, where 'auto' is the ground truth on the embedded task and
-        the reward model otherwise."""
+        """What scores the evaluation: ``eval.reward``, where 'auto' is the ground truth on the embedded task, the
+        reward model when an 'rm' stage runs, and 'none' (no scored samples) otherwise."""
         if self.eval.reward != "auto":
             return self.eval.reward
-        return "ground_truth" if self.embedded else "model"
+        if self.embedded:
+            return "ground_truth"
+        return "model" if "rm" in self.pipeline.stages else "none"
 
     def adapter_settings(self, stage: str) -> dict:
         """The adapter group merged with ``trainer.<stage>.adapter`` overrides, targets filled from the model."""
@@ -354,6 +369,9 @@ def validate(cfg: RunConfig) -> None:
         if needed is not None and needed not in stages[:i]:
             raise ConfigError("pipeline.stages", list(stages),
                               f"the stage {stage!r} after ['{needed}'] (it reads their artifacts){hint}")
+    if cfg.gguf_path is not None and not os.path.isfile(cfg.gguf_path):
+        raise ConfigError("model.gguf_file", cfg.model.gguf_file, "a GGUF model file (absolute, or relative to "
+                          f"model.path); {cfg.gguf_path} does not exist")
     if cfg.model.attn_implementation == "flash_attention_2" and cfg.model.device == "cpu":
         raise ConfigError("model.attn_implementation", "flash_attention_2",
                           "'auto', 'sdpa' or 'eager' with model.device=cpu (flash-attention kernels run on GPUs only)")
@@ -413,6 +431,11 @@ def validate(cfg: RunConfig) -> None:
     _check_rewards(cfg, stages)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.model.device):
         raise ConfigError("model.device", cfg.model.device, "auto, cpu, cuda or cuda:N")
+    for name, low in (("prompts", 1), ("max_new_tokens", 1), ("pairs", 0)):
+        if getattr(cfg.eval, name) < low:
+            raise ConfigError(f"eval.{name}", getattr(cfg.eval, name), f"an integer >= {low}")
+    if not 0 < cfg.eval.temperature < float("inf"):
+        raise ConfigError("eval.temperature", cfg.eval.temperature, "a finite number > 0")
     if cfg.resources.max_retries < 0:
         raise ConfigError("resources.max_retries", cfg.resources.max_retries, "an integer >= 0")
     if cfg.resources.num_workers < 1:
@@ -440,6 +463,8 @@ def _check_rewards(cfg: RunConfig, stages: tuple[str, ...]) -> None:
         uses.append(("eval.reward", cfg.eval_reward))
     functions = None
     for key, name in uses:
+        if name == "none" and key == "eval.reward":  # held-out pairs, KL and samples without scores
+            continue
         if name == "model":
             if key == "trainer.dpo.pair_reward":
                 raise ConfigError(key, name, "a reward function's name (on-policy pairs are ranked by a function); "

@@ -95,6 +95,7 @@ def dpo_loss(model: AdapterModel, batch: dict, cfg: DPOConfig) -> tuple[torch.Te
         "rewards/margin": (reward_chosen - reward_rejected).mean().item(),
         "rewards/accuracy": (reward_chosen > reward_rejected).float().mean().item(),
         "logps/chosen": policy_chosen.mean().item(),
+        "logps/accuracy": (policy_chosen > policy_rejected).float().mean().item(),
         "logps/rejected": policy_rejected.mean().item(),
         "nll/chosen": chosen_nll.mean().item(),
         # mean log-ratio on the data: an estimate of the policy's drift from the reference on these responses
