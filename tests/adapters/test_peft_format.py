@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from align.adapters import AdapterError, AdapterModel, BaseMismatchError, LoraConfig, base_fingerprint
@@ -295,3 +296,21 @@ def test_second_loaded_adapter_switches_with_the_first(tmp_path, input_ids):
         with torch.no_grad():
             got = model(input_ids).logits
         assert torch.equal(got, want if name else logits(tiny_gpt2(seed=0), input_ids))
+
+
+def test_embedding_probe_reaches_the_last_entry_of_an_embedding_over_2_to_the_24():
+    """A float32 linspace rounds n - 1 up to n past 2^24 entries (every real vocabulary: SmolLM2's 49,152 x 576 =
+    28,311,552 raised IndexError at the first save). The probe's 16 positions are i * (n - 1) // 15 exactly."""
+    from align.adapters.fingerprint import _embedding_probe
+
+    vocab, hidden = 16_385, 1_024  # 16,778,240 entries > 2^24 = 16,777,216
+    model = nn.Module()
+    embed = nn.Embedding(vocab, hidden)
+    with torch.no_grad():
+        embed.weight.copy_(torch.arange(vocab * hidden, dtype=torch.float64).reshape(vocab, hidden).float())
+    model.get_input_embeddings = lambda: embed
+    probe = _embedding_probe(model)
+    n = vocab * hidden
+    assert len(probe) == 16
+    assert probe[-1] == embed.weight[-1, -1].item() and probe[0] == 0.0
+    assert probe == [embed.weight.reshape(-1)[i * (n - 1) // 15].item() for i in range(16)]
