@@ -41,6 +41,33 @@ def _split_tail(rows, n: int):
     return rows.select(range(len(rows) - n)), rows.select(range(len(rows) - n, len(rows)))
 
 
+def _reward(ctx: StageContext, spec, key: str, path: str, tok, prompt_rows=None):
+    """The reward ``spec`` names (not 'model'), with the prompts file's extra columns found for it: by the user's
+    prompt words, by the chat-templated prompt decoded, and by the decoded ``prompt_rows`` (a prepared prompts
+    dataset: what the RL trainers pass)."""
+    from align.data import load_prompts
+    from align.models.generate import encode_prompts, prompt_text
+    from reward.functions import PromptColumns, build_reward
+
+    prompts, rows, columns = load_prompts(path, _data_key(ctx, path), on_bad_rows=ctx.cfg.data.on_bad_rows,
+                                          with_rows=True)
+    decoded = tok.batch_decode(encode_prompts(tok, prompts), skip_special_tokens=True)
+    prepared: dict[int, str] = {}
+    if prompt_rows is not None:
+        ids = [list(x) for x in prompt_rows["prompt_ids"]]
+        prepared = dict(zip(list(prompt_rows["row"]), tok.batch_decode(ids, skip_special_tokens=True)))
+    words = [prompt_text(p) for p in prompts]
+    keys = [[w, d] + ([prepared[r]] if r in prepared else []) for w, d, r in zip(words, decoded, rows)]
+    return build_reward(spec, key, PromptColumns.build(keys, words, columns, rows, path))
+
+
+def _data_key(ctx: StageContext, path: str) -> str:
+    for key in ("prompts", "eval_prompts"):
+        if getattr(ctx.cfg.data, key) == path:
+            return f"data.{key}"
+    return "data.prompts"
+
+
 def _prompts(ctx: StageContext, path: str, key: str, limit: int | None = None) -> list:
     """The prompts of ``path`` as written (strings or conversations), validated with ``key`` in the errors."""
     from align.data import load_prompts
@@ -145,7 +172,6 @@ def run_rm(ctx: StageContext) -> StageResult:
 def run_dpo(ctx: StageContext) -> StageResult:
     from align.data import prepare_preferences
     from align.trainers.dpo import build_dpo_trainer
-    from reward.functions import get_reward_function
     from reward.pairs import sample_preference_pairs, write_jsonl
 
     st = ctx.cfg.trainer["dpo"]
@@ -159,9 +185,16 @@ def run_dpo(ctx: StageContext) -> StageResult:
         if not pairs_file.is_file() and rank() == 0:  # sampled once; a resumed stage trains on the same pairs
             start = time.perf_counter()
             prompts = _prompts(ctx, source, "data.prompts", st.extras.pair_prompts)
-            rows = sample_preference_pairs(model, "sft" if has_sft else None, tok, prompts,
-                                           get_reward_function(st.extras.pair_reward), k=st.extras.pair_samples,
+            reward_fn = _reward(ctx, st.extras.pair_reward, "trainer.dpo.pair_reward", source, tok)
+            rows = sample_preference_pairs(model, "sft" if has_sft else None, tok, prompts, reward_fn,
+                                           k=st.extras.pair_samples,
                                            max_new_tokens=st.extras.pair_max_new_tokens, seed=ctx.cfg.run.seed + 11)
+            if not rows:
+                raise ValueError(f"trainer.dpo.pair_reward: no preference pair from {len(prompts)} prompts x "
+                                 f"{st.extras.pair_samples} samples: on every prompt the samples tied under the reward "
+                                 "(or were empty); use a reward that separates responses (a weighted sum with a "
+                                 "length rule breaks ties), more trainer.dpo.pair_samples or pair_prompts, or "
+                                 "trainer.dpo.pairs=dataset")
             write_jsonl(rows, pairs_file)
             metrics["pairs_seconds"] = round(time.perf_counter() - start, 1)
         barrier()  # other DeepSpeed ranks wait for rank 0's pairs
@@ -194,7 +227,6 @@ def run_rl(ctx: StageContext) -> StageResult:
     from align.trainers.grpo import build_grpo_trainer
     from align.trainers.ppo import build_ppo_trainer
     from align.trainers.rloo import build_rloo_trainer
-    from reward.functions import get_reward_function
 
     stage = ctx.stage
     st = ctx.cfg.trainer[stage]
@@ -202,11 +234,11 @@ def run_rl(ctx: StageContext) -> StageResult:
     uses_model = st.extras.reward == "model"
     model, tok = ctx.load_model(tuple(s for s in ("sft", "rm") if ctx.upstream(s) and (s == "sft" or uses_model)))
     method = st.method if has_sft else replace(st.method, reference=None)
-    reward = ({"reward_head": ScalarHead.load(ctx.manifest.artifact("rm", "adapter")).to(device_of(model))}
-              if uses_model
-              else {"reward_fn": get_reward_function(st.extras.reward)})
     path = ctx.data_path("prompts", "prompts.jsonl")
     prompts = prepare_prompts(_data(ctx, path, lint_samples=0), tok)
+    reward = ({"reward_head": ScalarHead.load(ctx.manifest.artifact("rm", "adapter")).to(device_of(model))}
+              if uses_model
+              else {"reward_fn": _reward(ctx, st.extras.reward, f"trainer.{stage}.reward", path, tok, prompts)})
     builder = {"ppo": build_ppo_trainer, "grpo": build_grpo_trainer, "rloo": build_rloo_trainer}[stage]
     with ctx.tracker() as tracker:
         trainer = builder(model, prompts, tok, method, ctx.loop(), st.optimizer, ctx.dir, tracker=tracker,
@@ -235,7 +267,6 @@ def run_eval(ctx: StageContext) -> StageResult:
     from align.models.generate import encode_prompts, prompt_text
     from align.trainers.reward_model import sequence_rewards
     from align.trainers.rollout import generate_rollout
-    from reward.functions import get_reward_function
 
     cfg, ev = ctx.cfg, ctx.cfg.eval
     stages = cfg.pipeline.stages
@@ -252,7 +283,9 @@ def run_eval(ctx: StageContext) -> StageResult:
     prompt_ids = encode_prompts(tok, prompts)
     rollout_cfg = RolloutConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                 generation_batch_size=64)
-    head = None
+    head = reward_fn = None
+    if reward_name not in ("model", "none"):
+        reward_fn = _reward(ctx, reward_name, "eval.reward", path, tok)
     if reward_name == "model":
         from align.models.heads import ScalarHead
 
@@ -269,8 +302,8 @@ def run_eval(ctx: StageContext) -> StageResult:
             if head is not None:
                 scores = torch.cat([sequence_rewards(model, head, rollout.batch(slice(i, i + 64)), "reward")
                                     for i in range(0, len(rollout), 64)]).float()
-            elif reward_name != "none":
-                scores = get_reward_function(reward_name)(rollout.prompts, rollout.responses)
+            elif reward_fn is not None:
+                scores = reward_fn(rollout.prompts, rollout.responses)
             with model.use(adapter):
                 logps, mask = response_token_logps(model, batch)
             with model.use(reference):
@@ -280,7 +313,7 @@ def run_eval(ctx: StageContext) -> StageResult:
                              "length": rollout.response_lengths.float().mean().item()}
         pairs = _heldout_pairs(ctx, model, tok, policy_adapter, reference)
     p, r = results["policy"], results["reference"]
-    result = {"policy": policy, "reference": reference or "base", "reward": reward_name, "prompts": len(prompts),
+    result = {"policy": policy, "reference": reference or "base", "reward": reward_fn.name if reward_fn is not None else reward_name, "prompts": len(prompts),
               "kl_to_reference": p["kl"], "policy_length": p["length"], "reference_length": r["length"],
               **_score_summary(p["scores"], r["scores"]), **pairs}
     result["examples"] = [{"prompt": prompt_text(prompts[i]), "policy": p["responses"][i],

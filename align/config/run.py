@@ -150,7 +150,7 @@ class EvalSpec:
     max_new_tokens: int = 64
     temperature: float = 1.0
     seed: int = 1
-    reward: str = "auto"
+    reward: str | list[dict] | dict = "auto"
     pairs: int = 500
 
 
@@ -176,7 +176,7 @@ class DPOExtras:
     pairs: Literal["onpolicy", "dataset"] = "onpolicy"
     pair_prompts: int = 2000
     pair_samples: int = 4
-    pair_reward: str = "ground_truth"
+    pair_reward: str | list[dict] | dict = "ground_truth"
     pair_max_new_tokens: int = 64
 
 
@@ -184,7 +184,7 @@ class DPOExtras:
 class RLExtras:
     """``reward``: 'model' (the rm stage's adapter + head) or a reward function's name ('ground_truth')."""
 
-    reward: str = "model"
+    reward: str | list[dict] | dict = "model"
 
 
 METHOD_CLASSES: dict[str, tuple[type, type]] = {
@@ -278,7 +278,7 @@ class RunConfig:
         return os.path.join("runs", self.pipeline.name)
 
     @property
-    def eval_reward(self) -> str:
+    def eval_reward(self) -> Any:
         """What scores the evaluation: ``eval.reward``, where 'auto' is the ground truth on the embedded task, the
         reward model when an 'rm' stage runs, and 'none' (no scored samples) otherwise."""
         if self.eval.reward != "auto":
@@ -398,14 +398,6 @@ def validate(cfg: RunConfig) -> None:
         if "eval" in stages and cfg.data.eval_prompts is None:
             raise ConfigError("data.eval_prompts", None, "a prompts file for the 'eval' stage, or remove 'eval' "
                               "from pipeline.stages")
-        uses_gt = [s for s in RL_STAGES if s in stages and cfg.trainer[s].extras.reward == "ground_truth"]
-        if "dpo" in stages and cfg.trainer["dpo"].extras.pairs == "onpolicy" and \
-                cfg.trainer["dpo"].extras.pair_reward == "ground_truth":
-            uses_gt.append("dpo")
-        if uses_gt:
-            raise ConfigError(f"trainer.{uses_gt[0]}.{'pair_reward' if uses_gt[0] == 'dpo' else 'reward'}",
-                              "ground_truth", "a reward for real data: the ground-truth scorer only knows the "
-                              "embedded task ('model' for the reward model, or trainer.dpo.pairs=dataset)")
     if cfg.resources.num_workers > 1 and cfg.deepspeed.config is None:
         raise ConfigError("resources.num_workers", cfg.resources.num_workers,
                           "1 unless a DeepSpeed config is chosen (deepspeed=zero2|zero3|...): several workers "
@@ -454,32 +446,34 @@ def trained_adapter_method(cfg: RunConfig, stage: str) -> tuple[str, str]:
 
 
 def _check_rewards(cfg: RunConfig, stages: tuple[str, ...]) -> None:
-    """Reward names must exist, and a learned reward needs the rm stage before its user."""
-    uses: list[tuple[str, str]] = []
+    """Rewards must exist (built-in names and parameters, user functions importable), and a learned reward needs
+    the rm stage before its user."""
+    uses: list[tuple[str, Any]] = []
     if "dpo" in stages and cfg.trainer["dpo"].extras.pairs == "onpolicy":
         uses.append(("trainer.dpo.pair_reward", cfg.trainer["dpo"].extras.pair_reward))
     uses += [(f"trainer.{s}.reward", cfg.trainer[s].extras.reward) for s in RL_STAGES if s in stages]
     if "eval" in stages:
         uses.append(("eval.reward", cfg.eval_reward))
-    functions = None
-    for key, name in uses:
-        if name == "none" and key == "eval.reward":  # held-out pairs, KL and samples without scores
+    for key, spec in uses:
+        if spec == "none" and key == "eval.reward":  # held-out pairs, KL and samples without scores
             continue
-        if name == "model":
+        if spec == "model":
             if key == "trainer.dpo.pair_reward":
-                raise ConfigError(key, name, "a reward function's name (on-policy pairs are ranked by a function); "
+                raise ConfigError(key, spec, "a reward function (on-policy pairs are ranked by a function); "
                                   "or trainer.dpo.pairs=dataset")
             if "rm" not in stages:
-                raise ConfigError(key, name, "a reward function's name, or 'model' with an 'rm' stage in "
-                                  "pipeline.stages" + (" (eval.reward=auto means the reward model for a real model)"
-                                                       if key == "eval.reward" else ""))
+                raise ConfigError(key, spec, "a reward function, or 'model' with an 'rm' stage in pipeline.stages")
             continue
-        if functions is None:
-            from reward.functions import REWARD_FUNCTIONS
+        from reward.functions import check_reward_spec, spec_names
 
-            functions = sorted(REWARD_FUNCTIONS)
-        if name not in functions:
-            raise ConfigError(key, name, f"'model' or a reward function: one of {functions}{suggest(name, functions)}")
+        if not cfg.embedded and "ground_truth" in spec_names(spec):
+            raise ConfigError(key, spec, "a reward for real data: the ground-truth scorer only knows the embedded "
+                              "task ('model' for the reward model, a built-in rule, or your own function as "
+                              "path/to/file.py:function" + (", or trainer.dpo.pairs=dataset)" if "dpo" in key else ")"))
+        try:
+            check_reward_spec(spec, key)
+        except ValueError as exc:
+            raise ConfigError(key, spec, f"a reward that can be built ({exc})") from None
 
 
 def stage_config(cfg: RunConfig, stage: str) -> dict:

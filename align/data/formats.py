@@ -38,6 +38,7 @@ LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {  # name: (kind, required col
     "prompt": ("prompt", ("prompt",)),
     "prompt_messages": ("prompt", ("messages",)),
 }
+LAYOUT_COLUMNS = tuple(sorted({c for _, cols in LAYOUTS.values() for c in cols} | {"completion"}))
 # Which file kinds each use accepts: SFT can train on preferred responses, prompts come from anything.
 USES = {"sft": ("sft", "preference"), "preference": ("preference",), "prompt": ("prompt", "sft", "preference")}
 HH_ASSISTANT = "\n\nAssistant:"

@@ -20,7 +20,7 @@ from align.config import ConfigError, DataConfig
 
 from .cache import cache_key, load_cached, save_cached, tokenizer_fingerprint
 from .collate import pack_sft
-from .formats import USES, detect_format
+from .formats import LAYOUT_COLUMNS, USES, detect_format
 from .lint import lint_sample, lint_tokenization
 from .sources import load_source, source_fingerprint, source_name
 from .tokenize import Tokenized, sequence, tokenize_examples, truncate
@@ -58,16 +58,24 @@ def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: 
     return _prepare(cfg, tokenizer, "prompt", split)
 
 
-def load_prompts(source: str, key: str, limit: int | None = None, on_bad_rows: str = "error") -> list:
+def load_prompts(source: str, key: str, limit: int | None = None, on_bad_rows: str = "error",
+                 with_rows: bool = False):
     """The prompts of a file as written (a string, or a conversation as a tuple of messages), validated like
     every other use of the file (row-numbered errors naming ``key``): what sampling for evaluation and
-    on-policy pairs starts from. ``limit``: the first ``limit`` prompts."""
+    on-policy pairs starts from. ``limit``: the first ``limit`` prompts. ``with_rows``: also each prompt's 1-based
+    row number and its row's other columns (e.g. a reference ``answer``), as ``(prompts, rows, columns)``."""
     raw = load_source(source, key)
     layout = detect_format(raw.column_names, "auto", "prompt", source_name(source))
     examples, problems = validate_rows(raw, layout, "prompt")
     require_rows(enforce(problems, on_bad_rows, source_name(source), len(raw)))
+    examples = examples[:limit] if limit else examples
     prompts = [e.prompt for e in examples]
-    return prompts[:limit] if limit else prompts
+    if not with_rows:
+        return prompts
+    own = set(LAYOUT_COLUMNS) & set(raw.column_names)
+    extra = [c for c in raw.column_names if c not in own]
+    table = raw.select_columns(extra).to_list() if extra else [{} for _ in range(len(raw))]
+    return prompts, [e.row for e in examples], [table[e.row - 1] for e in examples]
 
 
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, use: str, split: str) -> datasets.Dataset:

@@ -50,7 +50,8 @@ def real_overrides(model_dir: Path, files: dict[str, str], quantization: str = "
         "trainer.rm.max_steps=2", "trainer.rm.micro_batch_size=4",
         "trainer.dpo.max_steps=2", "trainer.dpo.micro_batch_size=4", "trainer.dpo.save_every=1",
         "trainer.dpo.pair_prompts=8", "trainer.dpo.pair_max_new_tokens=12",
-        f"trainer.dpo.pair_reward={REWARD_FILE}:correct",
+        # a weighted sum: the length rule breaks the ties of a 0/1 correctness reward
+        f"trainer.dpo.pair_reward=[{{name:'{REWARD_FILE}:correct'}},{{name:length,target:4,penalty:0.05}}]",
         *[f"trainer.{s}.{k}" for s in ("ppo", "grpo", "rloo") for k in (
             "max_steps=2", "save_every=1", "rollout.prompts_per_step=4", "rollout.max_new_tokens=12",
             "minibatch_size=4", "ppo_epochs=1")],
