@@ -94,10 +94,58 @@ class BenchModel:
         return model.eval()
 
     @property
+    def attention_weights(self) -> int:
+        """Weights of one layer's q, k, v and o projections."""
+        return 4 * self.hidden * self.hidden
+
+    @property
     def parameters(self) -> int:
         h, v, i, n = self.hidden, self.vocab, self.intermediate, self.layers
         per_layer = 4 * h * h + 3 * h * i + 2 * h
         return 2 * v * h + n * per_layer + h
+
+
+@dataclass(frozen=True)
+class RealBenchModel:
+    """The real SmolLM2-135M-Instruct (fetched from its PyPI wheel and converted once: align.models.convert),
+    with the attributes of ``BenchModel`` so every benchmark takes ``--model smollm2``."""
+
+    name: str = "smollm2"
+    hidden: int = 576
+    layers: int = 30
+    heads: int = 9
+    intermediate: int = 1536
+    vocab: int = 49152
+    kv_heads: int = 3
+
+    @staticmethod
+    def path():
+        from align.models.convert import smollm2_dir
+
+        return smollm2_dir()
+
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path())
+
+    def build(self, seed: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)  # the weights are the real ones; the seed only fixes what is drawn afterwards
+        model = AutoModelForCausalLM.from_pretrained(self.path(), dtype=torch.float32)
+        model.requires_grad_(False)
+        return model.eval()
+
+    @property
+    def attention_weights(self) -> int:  # grouped-query attention: k and v have 3 of the 9 heads
+        return 2 * self.hidden * self.hidden + 2 * self.hidden * (self.hidden * self.kv_heads // self.heads)
+
+    @property
+    def parameters(self) -> int:  # tied embeddings
+        h, v, i, n = self.hidden, self.vocab, self.intermediate, self.layers
+        return v * h + n * (self.attention_weights + 3 * h * i + 2 * h) + h
 
 
 # ~5M and ~25M parameters with a 32k vocabulary (where the log-prob computation over the vocabulary matters), and a
@@ -106,6 +154,7 @@ MODELS = {
     "5m": BenchModel("5m", hidden=64, layers=4, heads=4, intermediate=172),
     "25m": BenchModel("25m", hidden=256, layers=10, heads=8, intermediate=688),
     "170m": BenchModel("170m", hidden=1024, layers=8, heads=16, intermediate=2816),
+    "smollm2": RealBenchModel(),
 }
 
 

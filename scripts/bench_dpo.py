@@ -164,7 +164,7 @@ def step_flops(spec: BenchModel, lora_params: int, sequences: int, seq_len: int,
                reference_forward: bool) -> float:
     """FLOPs of one training step by the formula in the module docstring."""
     h, layers = spec.hidden, spec.layers
-    body = layers * (4 * h * h + 3 * h * spec.intermediate)
+    body = layers * (spec.attention_weights + 3 * h * spec.intermediate)
     head = h * spec.vocab
     t_seq, t_out = sequences * seq_len, sequences * response_len
     frozen = 2 * body * t_seq + 4 * layers * h * seq_len * t_seq + 2 * head * t_out
