@@ -318,7 +318,7 @@ def main() -> None:
     markdown = report(args, info, comparisons, bases, time.perf_counter() - started)
     print(markdown)
     if args.write:
-        write_section("adapters", markdown, args.doc)
+        write_section("adapters" if args.model == "25m" else f"adapters-{args.model}", markdown, args.doc)
 
 
 if __name__ == "__main__":

@@ -601,8 +601,9 @@ def main(argv=None) -> None:
                "sft": results["sft"]}
         args.json.write_text(json.dumps(raw, indent=1))
     if args.write:
-        write_section("dpo", markdown)
-        _log("wrote the dpo section of docs/benchmarks.md")
+        section = "dpo" if args.model in ("all", "25m") else f"dpo-{args.model}"  # the real model: its own section
+        write_section(section, markdown)
+        _log(f"wrote the {section} section of docs/benchmarks.md")
 
 
 if __name__ == "__main__":
