@@ -247,8 +247,8 @@ def report(args, info: dict, comparisons: dict[str, Comparison], bases: dict, se
         "## Adapter layers vs PEFT: LoRA, DoRA, LoRA on NF4 (`scripts/bench_adapters.py`)",
         "",
         f"Model `{bench.name}`: Llama, hidden {bench.hidden}, {bench.layers} layers, intermediate "
-        f"{bench.intermediate}, vocabulary {bench.vocab:,} ({bench.parameters / 1e6:.1f}M parameters), seeded "
-        f"random weights. Adapters r={RANK}, alpha={ALPHA}, dropout 0 on q, k, v, o, gate, up, down "
+        f"{bench.intermediate}, vocabulary {bench.vocab:,} ({bench.parameters / 1e6:.1f}M parameters), "
+        f"{'the real pretrained weights (SmolLM2-135M-Instruct)' if bench.name == 'smollm2' else 'seeded random weights'}. Adapters r={RANK}, alpha={ALPHA}, dropout 0 on q, k, v, o, gate, up, down "
         f"(trainable: {', '.join(f'{m} {n:,}' for m, n in trainable.items())}; equal on both sides). One step = "
         f"zero_grad + causal-LM loss (labels = inputs) + backward + AdamW step (lr {LR}) on the adapter, fp32, "
         f"batch {args.batch} x {args.seq} = {tokens:,} tokens. Bare base: no adapter, backward through every "

@@ -523,7 +523,7 @@ def report(results: dict, args, info: dict) -> str:
     bf16 = max(p["bfloat16_gflops"] for p in results["peaks"])
     sequences, seq_len = 2 * args.batch, args.prompt_len + args.response_len
     setup = (
-        f"Same random-weight Llama on both sides ({'; '.join(describe(_spec(name)) for name in names)}), LoRA "
+        f"Same {'real pretrained' if names == ['smollm2'] else 'random-weight'} Llama on both sides ({'; '.join(describe(_spec(name)) for name in names)}), LoRA "
         f"r={LORA_R}, alpha={LORA_ALPHA}, dropout 0 on q/k/v/o/gate/up/down of every layer (not lm_head), the same "
         f"synthetic pairs (prompt {args.prompt_len} tokens, chosen and rejected {args.response_len} each, no "
         f"padding), {args.batch} pairs per step, no accumulation, fp32, AdamW (torch's, not fused), constant lr "

@@ -436,8 +436,10 @@ def main() -> None:
     spec = MODELS[args.model]
     info = machine_info()
     command = "python scripts/bench_ppo_trl.py " + " ".join(sys.argv[1:])
+    weights = ("the real pretrained weights (TRL's reward and value models: fresh score heads on random-weight "
+               "copies)" if spec.name == "smollm2" else "random weights")
     setup = (f"Model `{spec.name}` (Llama, hidden {spec.hidden}, {spec.layers} layers, vocab {spec.vocab:,}, "
-             f"{spec.parameters / 1e6:.1f}M parameters, random weights, fp32); {args.prompts} prompts x "
+             f"{spec.parameters / 1e6:.1f}M parameters, {weights}, fp32); {args.prompts} prompts x "
              f"{args.prompt_len} tokens, exactly {args.new_tokens} new tokens (no EOS stop), 1 PPO epoch, minibatch "
              f"{args.minibatch}, LoRA r={LORA_R} alpha={LORA_ALPHA} on all linear layers; per process 1 warm-up + "
              f"{args.iterations} timed iterations, {args.repeats} fresh processes per side, alternating; medians.")
