@@ -12,6 +12,7 @@ from typing import Any
 
 from align.config.build import as_dict
 from align.config.run import RunConfig, adapter_config
+from align.durable import replace_dir_durable
 
 from .manifest import Manifest
 
@@ -103,7 +104,8 @@ class StageContext:
 
     def save_adapter_atomic(self, model, name: str, head=None, subdir: str = "adapter") -> str:
         """Write adapter ``name`` (and a head beside it) to ``<stage>/<subdir>`` through a temporary directory,
-        so a crash never leaves a half-written adapter where a later stage would read it. With several ranks
+        so a crash never leaves a half-written adapter where a later stage would read it (one writer: the run
+        directory's lock, ``pipelines.lock``, keeps a second run out). With several ranks
         (DeepSpeed workers) every rank calls this: the weights are gathered from their shards, rank 0 writes;
         likewise after DeepSpeed on one rank, where ZeRO-3 partitions too."""
         final = self.dir / subdir
@@ -128,9 +130,8 @@ class StageContext:
             with gathered:
                 if rank() == 0:
                     head.save(tmp)
-        if rank() == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+        if rank() == 0:  # flushed, then swapped in: a crash leaves the old adapter or the new one
+            replace_dir_durable(tmp, final)
         barrier()
         return self.rel(final)
 

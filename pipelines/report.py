@@ -93,7 +93,8 @@ def _read_json(path: Path) -> dict:
 def _stage_dirs(run_dir: Path, manifest: Manifest) -> list[str]:
     """Stages in pipeline order (the manifest's), then any other directory holding a ``metrics.jsonl``."""
     stages = list(manifest.stages)
-    extra = sorted(p.parent.name for p in run_dir.glob("*/metrics.jsonl") if p.parent.name not in stages)
+    extra = sorted(p.parent.name for p in run_dir.glob("*/metrics.jsonl")
+                   if p.parent.name not in stages and ".old-" not in p.parent.name)  # not archived stages
     return stages + [name for name in extra if name != PLOTS]
 
 

@@ -28,7 +28,11 @@ class ClassifierReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.path)
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32)
+        from align.models.loading import check_loading_info
+
+        model, info = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32,
+                                                                         output_loading_info=True)
+        check_loading_info(self.path, info, key="classifier path")  # a classifier without its trained score head scores at random
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:  # the classifier reads the last non-pad token of each row

@@ -39,8 +39,27 @@ def load_base(path: str | Path, quantization: str = "none", dtype: torch.dtype =
     device = torch.device(device)
     if quantization != "none" and device.type == "cuda":
         kwargs["device_map"] = {"": device}  # bitsandbytes quantizes as the weights land on the GPU
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    check_loading_info(path, info)
     if quantization == "none":
         model.to(device)
     model.requires_grad_(False)
     return model.eval(), load_tokenizer(path)
+
+
+def check_loading_info(path: str | Path, info: dict, key: str = "model.path") -> None:
+    """Refuse a base whose weights do not match its config: a missing tensor would be left randomly initialised
+    (transformers only warns), an unexpected or mis-shaped one means the files are not the model the config
+    describes (a config edited by hand, weights of another model, a truncated shard set)."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights (they would be random)"),
+                      ("unexpected_keys", "in the weights but not in the model the config describes"),
+                      ("mismatched_keys", "of another shape than the config gives")):
+        names = sorted(str(n if isinstance(n, str) else n[0]) for n in info.get(key) or ())
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            problems.append(f"{len(names)} tensor(s) {what}: {', '.join(names[:5])}{more}")
+    if problems:
+        raise ValueError(f"{key}={path}: its weights do not match its config.json ({'; '.join(problems)}). "
+                         f"Point {key} at a complete model directory (config.json and all weight files of the "
+                         "same model)")

@@ -19,15 +19,17 @@ temporary directory, and rank 0 alone writes the rest, renames and prunes.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from align.durable import fsync_dir, fsync_tree, write_text_durable
 
 LATEST = "latest"
 
@@ -73,23 +75,59 @@ def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tens
     final = root / name
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": python_rng}))
+        fsync_tree(tmp)  # flushed before the rename and the pointer: a crash never leaves an empty checkpoint
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        _write_atomic(root / LATEST, name)
+        fsync_dir(root)
+        write_text_durable(root / LATEST, name)
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
+def latest_checkpoint(root: str | Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None when none was ever written.
+
+    ``latest`` names it. A pointer that is empty, unreadable or names a missing or incomplete checkpoint (a crash
+    on a filesystem that lost the last writes) falls back to the newest complete ``step-*`` directory, and says
+    so through ``log`` (default: a warning); when checkpoints were written but none is complete, it raises rather
+    than restart training from step 0 without a word."""
+    root = Path(root)
+    pointer = root / LATEST
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    if not pointer.is_file() and not steps:
         return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    try:
+        named = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    if named and _complete(root / named):
+        return root / named
+    problem = (f"{pointer} is missing" if not pointer.is_file() else f"{pointer} is empty" if not named
+               else f"{pointer} names {named}, which is missing or incomplete")
+    for candidate in steps:
+        if _complete(candidate):
+            message = f"{problem}: resuming from {candidate.name}, the newest complete checkpoint"
+            if log is None:
+                warnings.warn(message, stacklevel=2)
+            else:
+                log(message)
+            return candidate
+    raise RuntimeError(f"{problem}, and no checkpoint under {root} is complete ({len(steps)} incomplete): "
+                       f"move {root} away to restart this stage from step 0")
+
+
+def _complete(path: Path) -> bool:
+    """A checkpoint directory whose state.json parses and whose tensors exist."""
+    if not (path / "trainable.safetensors").is_file():
+        return False
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -104,9 +142,3 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict[str, torch.Te
 
 def _rng_file(rank: int) -> str:
     return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -143,6 +143,9 @@ def test_changing_dpo_beta_restarts_dpo_and_eval_only(copy_of_fresh, fresh):
     (restart,) = [line for line in said(lines, "dpo") if "restarting" in line]
     assert "trainer.dpo.beta 0.1 -> 0.2" in restart
     assert re.search(r"stages after it\W+eval\)$", restart)  # eval follows
+    # nothing is deleted: the earlier dpo stage (adapter, checkpoints) is moved aside, byte for byte
+    assert "(its earlier files are kept in dpo.old-1/)" in restart
+    assert files_of(copy_of_fresh / "dpo.old-1" / "adapter") == files_of(fresh[0] / "dpo" / "adapter")
     assert "restarting it" in said(lines, "eval")[0]
     for name in ("base", "sft"):
         assert manifest.stages[name]["config_hash"] == old[name]["config_hash"]

@@ -114,13 +114,13 @@ def crash_on_call(monkeypatch, module, name: str, call: int, partial_write: bool
     monkeypatch.setattr(module, name, crashing)
 
 
-# Each checkpoint calls save_file twice (trainable, then RNG), torch.save once (optimizer) and _write_atomic
+# Each checkpoint calls save_file twice (trainable, then RNG), torch.save once (optimizer) and write_text_durable
 # once (the `latest` pointer), so call 3 / 2 / 4 / 2 is the second checkpoint (step 4).
 CRASH_POINTS = {
     "trainable": (checkpoint_module, "save_file", 3, True),
     "optimizer": (backend_module.torch, "save", 2, True),
     "rng": (checkpoint_module, "save_file", 4, True),
-    "pointer": (checkpoint_module, "_write_atomic", 2, False),  # step dir in place, pointer not updated
+    "pointer": (checkpoint_module, "write_text_durable", 2, False),  # step dir in place, pointer not updated
 }
 
 
