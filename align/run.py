@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_pipeline(cfg)
+    except ConfigError as exc:  # found once the run starts: run.dir owned by another run
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -99,7 +99,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, lock: RunLock, log: Log, executor
             if rec.get("config_hash") == digest and changed_upstream:
                 moved = archive_stage(run_dir, stage)
                 log(f"[{stage}] the artifacts of {', '.join(changed_upstream)} changed since it ran"
-                    f"{_moved(moved, run_dir)}: restarting it, and the stages after it ({later})")
+                    f"{_moved(moved, run_dir)}: restarting it")
                 rec = {}
             elif rec.get("status") == "done" and rec.get("config_hash") == digest:
                 problems = artifact_problems(run_dir, rec, hashes)

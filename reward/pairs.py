@@ -47,9 +47,8 @@ def _assistant(text: str) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    from align.durable import write_text_durable
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    write_text_durable(path, "".join(json.dumps(row) + "\n" for row in rows))  # unique temp name, fsynced
     return path

@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from align.config.embedded import EmbeddedBaseConfig, EmbeddedTaskConfig
 from align.data.synthetic import WORLD_VERSION, build_tokenizer, write_splits
+from align.durable import fsync_tree
 
 BUILD_REPORT = "build.json"
 
@@ -74,6 +75,7 @@ def build_embedded_base(task: EmbeddedTaskConfig | None = None, cfg: EmbeddedBas
     if final.exists():  # another process finished first: keep theirs
         shutil.rmtree(work, ignore_errors=True)
     else:
+        fsync_tree(work)  # flushed before the rename: a crash leaves no half-written base under the final name
         work.rename(final)
     return EmbeddedBase(final / "model", final / "data", json.loads((final / BUILD_REPORT).read_text()))
 

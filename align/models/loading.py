@@ -39,7 +39,15 @@ def load_base(path: str | Path, quantization: str = "none", dtype: torch.dtype =
     device = torch.device(device)
     if quantization != "none" and device.type == "cuda":
         kwargs["device_map"] = {"": device}  # bitsandbytes quantizes as the weights land on the GPU
-    model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise ValueError(f"model.path={path}: its weights do not match its config.json (tensors of another "
+                         "shape than the config gives; transformers' report above names them). Point model.path "
+                         "at a complete model directory (config.json and all weight files of the same model)"
+                         ) from None
     check_loading_info(path, info)
     if quantization == "none":
         model.to(device)
@@ -52,10 +60,10 @@ def check_loading_info(path: str | Path, info: dict, key: str = "model.path") ->
     (transformers only warns), an unexpected or mis-shaped one means the files are not the model the config
     describes (a config edited by hand, weights of another model, a truncated shard set)."""
     problems = []
-    for key, what in (("missing_keys", "missing from the weights (they would be random)"),
+    for field, what in (("missing_keys", "missing from the weights (they would be random)"),
                       ("unexpected_keys", "in the weights but not in the model the config describes"),
                       ("mismatched_keys", "of another shape than the config gives")):
-        names = sorted(str(n if isinstance(n, str) else n[0]) for n in info.get(key) or ())
+        names = sorted(str(n if isinstance(n, str) else n[0]) for n in info.get(field) or ())
         if names:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             problems.append(f"{len(names)} tensor(s) {what}: {', '.join(names[:5])}{more}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,14 @@ def test_pipeline_on_smollm2(pipeline, quantization, smollm2, chat_files, tmp_pa
     overrides = real_overrides(smollm2, chat_files, quantization)
     if pipeline == "dpo":
         overrides.append("trainer.dpo.pairs=onpolicy")  # sampled pairs ranked by the user's reward file
+    start = time.perf_counter()
     manifest = run_pipeline(compose_run_config([f"pipeline={pipeline}", *overrides, f"run.dir={tmp_path}",
                                                 "ray.enabled=false"]), log=lambda _: None)
+    if os.environ.get("ALIGN_REAL_TIMINGS"):  # a JSON line per run: wall and stage seconds (for the docs)
+        with open(os.environ["ALIGN_REAL_TIMINGS"], "a") as out:
+            out.write(json.dumps({"pipeline": pipeline, "quantization": quantization,
+                                  "wall": round(time.perf_counter() - start, 1),
+                                  "stages": {s: r.get("seconds") for s, r in manifest.stages.items()}}) + "\n")
     assert all(rec["status"] == "done" for rec in manifest.stages.values()), manifest.stages
     if pipeline == "rm":
         accuracy = manifest.stages["rm"]["metrics"]["eval/accuracy"]
