@@ -295,6 +295,9 @@ OPTIONS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from align.offline import default_offline
+
+    default_offline()  # before the Hugging Face libraries are imported: nothing from the network by surprise
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv):
         print(USAGE)

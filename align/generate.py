@@ -56,10 +56,40 @@ def read_prompts(path: str | Path) -> list[str]:
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise UsageError(f"prompts_file={path}, line {number}: expected an object with a string "
                                  "\"prompt\" field")
+            if not row["prompt"].strip():
+                raise UsageError(f"prompts_file={path}, line {number}: the \"prompt\" is empty; write the prompt "
+                                 "or remove the line")
             prompts.append(row["prompt"])
     if not prompts:
         raise UsageError(f"prompts_file={path}: no prompts in it")
     return prompts
+
+
+def check_adapter_files(source) -> None:
+    """The stage's adapter weights and base fingerprint can be read: a file cut short or garbled (a full disk, an
+    interrupted copy) is named with what to do, instead of a traceback from deep inside the loader."""
+    from safetensors import SafetensorError, safe_open
+
+    from align.adapters import AdapterError
+
+    fix = (f"the file is damaged (cut short?); rerun `python -m align.run run.dir={source.run_dir} ...` to rebuild "
+           f"the {source.stage} stage, or restore the file from a copy")
+    weights = source.adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except SafetensorError as exc:
+            raise AdapterError(f"{weights} cannot be read as safetensors ({exc}): {fix}") from None
+    fingerprint = source.adapter_dir / "align_base.json"
+    if fingerprint.is_file():
+        try:
+            saved = json.loads(fingerprint.read_bytes())
+        except ValueError as exc:  # invalid JSON or UTF-8
+            raise AdapterError(f"{fingerprint} is not valid JSON ({exc}): {fix}") from None
+        if not isinstance(saved, dict):
+            raise AdapterError(f"{fingerprint} holds a {type(saved).__name__}, not the base's fingerprint (a JSON "
+                               f"object): {fix}")
 
 
 def generate(source, prompts: list[str], opts: dict) -> list[list[str]]:
@@ -79,6 +109,9 @@ def generate(source, prompts: list[str], opts: dict) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from align.offline import default_offline
+
+    default_offline()  # before the Hugging Face libraries are imported: nothing from the network by surprise
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv):
         print(USAGE)
@@ -87,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_options(argv, OPTIONS)
         if (opts["prompt"] is None) == (opts["prompts_file"] is None):
             raise UsageError("give exactly one of prompt=\"...\" or prompts_file=<jsonl with a \"prompt\" field>")
+        if opts["prompt"] is not None and not opts["prompt"].strip():
+            raise UsageError("prompt=\"\": the prompt is empty; give the text to respond to")
         prompts = [opts["prompt"]] if opts["prompt"] is not None else read_prompts(opts["prompts_file"])
         source = resolve_stage(opts["run.dir"], opts["stage"], policy_only=True, purpose="generate text")
+        check_adapter_files(source)
         print(f"sampling from the {source.stage} adapter of {source.run_dir} ...", file=sys.stderr)
         responses = generate(source, prompts, opts)
     except Exception as exc:

@@ -72,25 +72,49 @@ def parse_args(argv: list[str]) -> tuple[list[str], str | None]:
     return overrides, show
 
 
+def check_data_sources(cfg) -> None:
+    """Refuse, before anything starts, a data key of a stage that names no local path but a Hub dataset while
+    ``data.allow_hub`` is false (``DataError`` naming the key, e.g. ``data.sft='my_sft_data'``)."""
+    from align.config.run import stage_config
+    from align.data.sources import check_hub_name
+
+    for stage in cfg.pipeline.stages:
+        for key, value in stage_config(cfg, stage).get("data", {}).items():
+            if isinstance(value, str):
+                check_hub_name(value, f"data.{key}", cfg.data.allow_hub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from align.config.compose import compose_run_config
+    from align.config.compose import compose_mapping, redacted
+    from align.config.run import load_run_config
+    from align.offline import default_offline
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         overrides, show = parse_args(argv)
-        cfg = compose_run_config(overrides)
+        mapping = compose_mapping(overrides)
+        # before validation imports the Hugging Face libraries, which read HF_HUB_OFFLINE once, at import
+        default_offline(allow_hub=(mapping.get("data") or {}).get("allow_hub") is True)
+        cfg = load_run_config(mapping)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if show is not None:
         from omegaconf import OmegaConf
 
-        print(OmegaConf.to_yaml(OmegaConf.create(cfg.raw)), end="")
+        print(OmegaConf.to_yaml(OmegaConf.create(redacted(cfg.raw))), end="")
         print("# derived batch arithmetic")
         for line in describe_batches(cfg):
             print(f"#   {line}")
         print(f"# run directory: {cfg.run_dir}")
         return 0
+    from align.data.errors import DataError
+
+    try:
+        check_data_sources(cfg)
+    except DataError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     from pipelines.runner import StageFailed, run_pipeline
 
     try:

@@ -72,7 +72,13 @@ def load_sweep(name: str, changes: dict[str, Any]) -> SweepSpec:
     options = sweep_options()
     if name not in options:
         raise ConfigError("sweep", name, f"one of {options}{suggest(name, options)}")
-    data = OmegaConf.to_container(OmegaConf.load(config_dir() / "sweep" / f"{name}.yaml"), resolve=True)
+    data = OmegaConf.to_container(OmegaConf.load(config_dir() / "sweep" / f"{name}.yaml"), resolve=False)
+    # the run-config overrides stay as written: composing them resolves ${oc.env:...} and keeps those values
+    # out of every file and W&B config (align.config.compose); the sweep's own fields are resolved here
+    overrides = data.pop("overrides", None)
+    data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    if overrides is not None:
+        data["overrides"] = overrides
     for key, value in changes.items():
         data[key] = value
     return build(SweepSpec, data, "sweep")
@@ -108,6 +114,14 @@ def trial_overrides(spec: SweepSpec, common: list[str], trial: dict[str, Any], i
     return [f"pipeline={spec.pipeline}", *spec.overrides, *common, *(f"{k}={_fmt(v)}" for k, v in trial.items()),
             f"run.dir={sweep_dir / 'trials' / f'trial-{index:03d}'}", f"run.stage_cache={sweep_dir / 'stage_cache'}",
             f"run.name={spec.name}-trial-{index:03d}", f"tracking.group={spec.name}", "ray.enabled=false"]
+
+
+def hub_wanted(spec: SweepSpec, common: list[str]) -> bool:
+    """Whether a trial sets ``data.allow_hub=true`` (read from the merged YAML, before anything is validated)."""
+    from align.config.compose import compose_mapping
+
+    return any((compose_mapping(trial_overrides(spec, common, t, i, Path("."))).get("data") or {}).get("allow_hub")
+               is True for i, t in enumerate(expand_trials(spec)))
 
 
 def shared_stages(configs: list) -> list[str]:
@@ -221,6 +235,8 @@ def _cell(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from align.offline import default_offline
+
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if name is None:
             raise ConfigError("sweep", None, f"sweep=<name>, one of {sweep_options()}")
         spec = load_sweep(name, changes)
+        default_offline(allow_hub=hub_wanted(spec, common))  # before anything imports the Hugging Face libraries
         sweep_dir = (sweep_dir or Path("runs") / f"sweep-{spec.name}").resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         rows = run_sweep(spec, common, sweep_dir)

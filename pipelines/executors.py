@@ -3,7 +3,8 @@
 The Ray executor connects to ``ray.address`` / ``RAY_ADDRESS`` when given (a cluster, or the cluster a
 ``ray job submit`` entrypoint runs on) and otherwise starts a local Ray sized for the machine, with its own temp
 dir, bound to 127.0.0.1. A stage whose worker process dies is retried ``resources.max_retries`` times by Ray; the
-retry resumes from the stage's checkpoints.
+retry resumes from the stage's checkpoints. Every process of the job (stage tasks, Ray Train workers, Tune trials)
+gets the offline defaults of the entry point (``align.offline``) through the job's runtime environment.
 """
 
 from __future__ import annotations
@@ -47,15 +48,19 @@ def start_ray(cfg: RunConfig, run_dir: Path) -> bool:
     it running)."""
     import ray
 
+    from align.offline import worker_env
+
     if ray.is_initialized():
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # the workers of a cluster do not inherit this process's environment: hand them the offline defaults
+    env = {"runtime_env": {"env_vars": worker_env()}} if worker_env() else {}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **env)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                  _temp_dir=_ray_temp_dir(Path(run_dir).resolve()), _node_ip_address="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=True, configure_logging=False, **env)
     return True
 
 

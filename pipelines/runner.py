@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from align.config.compose import redacted
 from align.config.run import RunConfig, stage_config
 from align.durable import fsync_dir, write_text_durable
 
@@ -52,9 +53,13 @@ def stage_digests(cfg: RunConfig, hashes: HashCache | None = None) -> dict[str, 
 
 
 def write_config(cfg: RunConfig, run_dir: Path) -> None:
+    """``config.yaml``: the resolved config, with every value from an environment interpolation (a W&B key in
+    ``${oc.env:WANDB_API_KEY}``) written as ``<from env: NAME>``; the running stages get the real value."""
     from omegaconf import OmegaConf
 
-    write_text_durable(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg.raw)))
+    from align.config.compose import redacted
+
+    write_text_durable(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redacted(cfg.raw))))
 
 
 def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = None,
@@ -111,7 +116,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, lock: RunLock, log: Log, executor
                     f"{_moved(moved, run_dir)}: running it again (from its checkpoints)")
             elif rec.get("config_hash") and rec["config_hash"] != digest:
                 moved = archive_stage(run_dir, stage)
-                log(f"[{stage}] {_what_changed(rec.get('config'), stage_config(cfg, stage))} since the last run"
+                changed = _what_changed(rec.get("config"), redacted(stage_config(cfg, stage)))
+                log(f"[{stage}] {changed} since the last run"
                     f"{_moved(moved, run_dir)}: restarting it, and the stages after it ({later})")
                 rec = {}
             elif rec.get("status") in ("running", "failed"):
@@ -124,7 +130,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, lock: RunLock, log: Log, executor
                 continue
             attempts = int(rec.get("attempts", 0)) + 1
             manifest.stages[stage] = {"status": "running", "config_hash": digest, "upstream": upstream,
-                                      "config": stage_config(cfg, stage), "started": now(), "attempts": attempts,
+                                      "config": redacted(stage_config(cfg, stage)),  # no secret from ${oc.env:...}
+                                      "started": now(), "attempts": attempts,
                                       "reused_from": None, "error": None}
             manifest.save()
             log(f"[{stage}] running (attempt {attempts})")

@@ -35,12 +35,6 @@ def _inputs(*paths: str) -> dict[str, str]:
     return {p: hash_path(p) for p in paths if p and Path(p).exists()}
 
 
-def _split_tail(rows, n: int):
-    """(head, tail): the last ``n`` rows held out (at most half of the rows)."""
-    n = min(n, len(rows) // 2)
-    return rows.select(range(len(rows) - n)), rows.select(range(len(rows) - n, len(rows)))
-
-
 def _reward(ctx: StageContext, spec, key: str, path: str, tok, prompt_rows=None):
     """The reward ``spec`` names (not 'model'), with the prompts file's extra columns found for it: by the user's
     prompt words, by the chat-templated prompt decoded, and by the decoded ``prompt_rows`` (a prepared prompts
@@ -107,14 +101,14 @@ def run_base(ctx: StageContext) -> StageResult:
 
 # ------------------------------------------------------------------------------------------------ sft
 def run_sft(ctx: StageContext) -> StageResult:
-    from align.data import SFTCollator, prepare_sft
+    from align.data import SFTCollator, prepare_sft, split_heldout
     from align.trainers.sft import build_sft_trainer, heldout_nll
 
     st = ctx.cfg.trainer["sft"]
     model, tok = ctx.load_model()
     path = ctx.data_path("sft", "sft.jsonl")
-    rows = prepare_sft(_data(ctx, path), tok)
-    train, held = _split_tail(rows, ctx.cfg.data.sft_eval_rows)
+    rows = prepare_sft(_data(ctx, path), tok, key="data.sft")
+    train, held = split_heldout(rows, ctx.cfg.data.sft_eval_rows)
     model.add_adapter("sft", ctx.adapter_config())
     collate = SFTCollator(tok.pad_token_id)
     before = heldout_nll(model, held, collate, st.method, None)
@@ -130,7 +124,7 @@ def run_sft(ctx: StageContext) -> StageResult:
 
 # ------------------------------------------------------------------------------------------------ rm
 def run_rm(ctx: StageContext) -> StageResult:
-    from align.data import PreferenceCollator, prepare_preferences
+    from align.data import PreferenceCollator, prepare_preferences, split_heldout
     from align.trainers.reward_model import (
         build_reward_trainer,
         fit_statistics,
@@ -142,11 +136,11 @@ def run_rm(ctx: StageContext) -> StageResult:
     init_sft = st.extras.init == "sft"
     model, tok = ctx.load_model(("sft",) if init_sft else ())
     path = ctx.data_path("preferences", "preferences.jsonl")
-    prefs = prepare_preferences(_data(ctx, path), tok)
-    train, noisy_held = _split_tail(prefs, ctx.cfg.data.rm_eval_rows)
+    prefs = prepare_preferences(_data(ctx, path), tok, key="data.preferences")
+    train, noisy_held = split_heldout(prefs, ctx.cfg.data.rm_eval_rows)
     clean_path = ctx.cfg.data.preferences_eval or (None if not ctx.cfg.embedded else
                                                     ctx.data_path("preferences_eval", "preferences_eval.jsonl"))
-    held = prepare_preferences(_data(ctx, clean_path), tok) if clean_path else noisy_held
+    held = prepare_preferences(_data(ctx, clean_path), tok, key="data.preferences_eval") if clean_path else noisy_held
     if init_sft:
         model.copy_adapter("sft", "reward")
     else:
@@ -204,11 +198,11 @@ def run_dpo(ctx: StageContext) -> StageResult:
         inputs = _inputs(source)
     else:
         train_path = ctx.data_path("preferences", "preferences.jsonl")
-        train = prepare_preferences(_data(ctx, train_path), tok)
+        train = prepare_preferences(_data(ctx, train_path), tok, key="data.preferences")
         inputs = _inputs(train_path)
     eval_path = ctx.cfg.data.preferences_eval or (ctx.data_path("preferences_eval", "preferences_eval.jsonl")
                                                   if ctx.cfg.embedded else None)
-    held = prepare_preferences(_data(ctx, eval_path), tok) if eval_path else None
+    held = prepare_preferences(_data(ctx, eval_path), tok, key="data.preferences_eval") if eval_path else None
     metrics["train_pairs"] = len(train)
     with ctx.tracker() as tracker:
         last = build_dpo_trainer(model, train, held, tok.pad_token_id, method, ctx.loop(), st.optimizer, ctx.dir,
@@ -235,7 +229,7 @@ def run_rl(ctx: StageContext) -> StageResult:
     model, tok = ctx.load_model(tuple(s for s in ("sft", "rm") if ctx.upstream(s) and (s == "sft" or uses_model)))
     method = st.method if has_sft else replace(st.method, reference=None)
     path = ctx.data_path("prompts", "prompts.jsonl")
-    prompts = prepare_prompts(_data(ctx, path, lint_samples=0), tok)
+    prompts = prepare_prompts(_data(ctx, path, lint_samples=0), tok, key="data.prompts")
     reward = ({"reward_head": ScalarHead.load(ctx.manifest.artifact("rm", "adapter")).to(device_of(model))}
               if uses_model
               else {"reward_fn": _reward(ctx, st.extras.reward, f"trainer.{stage}.reward", path, tok, prompts)})
@@ -357,7 +351,7 @@ def _heldout_pairs(ctx: StageContext, model, tok, policy: str, reference: str | 
                                              if ctx.cfg.embedded else None)
     if not path or ctx.cfg.eval.pairs == 0:
         return {}
-    held = prepare_preferences(_data(ctx, path), tok)
+    held = prepare_preferences(_data(ctx, path), tok, key="data.preferences_eval")
     held = held.select(range(min(len(held), ctx.cfg.eval.pairs)))
     method = replace(ctx.cfg.trainer["dpo"].method, policy=policy, reference=reference, loss="sigmoid",
                      rpo_alpha=0.0)

@@ -2,13 +2,16 @@
 
 ``build(cls, mapping, key)`` checks every key and value against the dataclass's fields and type hints before the
 dataclass's own ``__post_init__`` checks run, so a bad config fails with the dotted key, the value, what is
-allowed and, for a misspelt key or choice, the closest valid one ("did you mean ...?").
+allowed and, for a misspelt key or choice, the closest valid one ("did you mean ...?"). A float field refuses nan
+and inf (a NaN learning rate trains nothing and saves the result as done) unless its field says
+``metadata={NONFINITE: True}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -19,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from .errors import ConfigError
 
 _NONE = type(None)
+NONFINITE = "allow_nonfinite"  # field metadata key: this float field accepts nan and inf
 
 
 def suggest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
@@ -72,30 +76,37 @@ def _type_name(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-def convert(tp: Any, value: Any, key: str) -> Any:
-    """``value`` checked (and lightly coerced: int -> float, list -> tuple) against the type hint ``tp``."""
+def _convert_union(tp: Any, value: Any, key: str, finite: bool) -> Any:
+    args = get_args(tp)
+    if value is None:
+        if _NONE in args:
+            return None
+        raise ConfigError(key, value, _type_name(tp))
+    if float in args and finite and isinstance(value, float) and not math.isfinite(value):
+        return convert(float, value, key)  # its own message (a finite number), not the union's name
+    errors = []
+    for arg in args:
+        if arg is _NONE:
+            continue
+        try:
+            return convert(arg, value, key, finite)
+        except ConfigError as exc:
+            errors.append(exc)
+    # a single informative branch (e.g. a nested mapping) explains itself better than the union's name
+    detailed = [e for e in errors if e.key != key]
+    if len(detailed) == 1:
+        raise detailed[0]
+    raise ConfigError(key, value, _type_name(tp))
+
+
+def convert(tp: Any, value: Any, key: str, finite: bool = True) -> Any:
+    """``value`` checked (and lightly coerced: int -> float, list -> tuple) against the type hint ``tp``.
+    ``finite``: a float must not be nan or inf."""
     origin = get_origin(tp)
     if tp is Any or tp is object:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if _NONE in args:
-                return None
-            raise ConfigError(key, value, _type_name(tp))
-        errors = []
-        for arg in args:
-            if arg is _NONE:
-                continue
-            try:
-                return convert(arg, value, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        # a single informative branch (e.g. a nested mapping) explains itself better than the union's name
-        detailed = [e for e in errors if e.key != key]
-        if len(detailed) == 1:
-            raise detailed[0]
-        raise ConfigError(key, value, _type_name(tp))
+        return _convert_union(tp, value, key, finite)
     if origin is Literal:
         choices = get_args(tp)
         if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
@@ -107,7 +118,7 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, value, "a list")
         (item,) = get_args(tp)[:1] or (Any,)
-        items = [convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [convert(item, v, f"{key}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
@@ -121,6 +132,9 @@ def convert(tp: Any, value: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if finite and not math.isfinite(value):
+                raise ConfigError(key, value, "a finite number (nan and inf are not allowed here: give a real "
+                                  "value, or drop the override to keep the default)")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -143,7 +157,8 @@ def build(cls: type, mapping: Any, key: str) -> Any:
         if name not in fields:
             raise unknown_key(f"{key}.{name}" if key else str(name), fields)
     hints = typing.get_type_hints(cls)
-    kwargs = {name: convert(hints[name], value, f"{key}.{name}" if key else name)
+    kwargs = {name: convert(hints[name], value, f"{key}.{name}" if key else name,
+                            finite=not fields[name].metadata.get(NONFINITE, False))
               for name, value in mapping.items()}
     try:
         return cls(**kwargs)

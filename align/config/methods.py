@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .errors import ConfigError
 
 DPOLossName = Literal["sigmoid", "ipo", "hinge", "cdpo", "robust", "simpo"]
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,10 @@ class RewardConfig:
     stats_rows: int = 512
 
     def __post_init__(self) -> None:
-        if self.center_rewards < 0:
-            raise ConfigError("trainer.reward.center_rewards", self.center_rewards, "a number >= 0")
+        if not _finite(self.margin):
+            raise ConfigError("trainer.reward.margin", self.margin, "a finite number")
+        if not _finite(self.center_rewards) or not self.center_rewards >= 0:
+            raise ConfigError("trainer.reward.center_rewards", self.center_rewards, "a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -54,14 +61,16 @@ class DPOConfig:
     eval_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beta, (int, float)) or self.beta <= 0:
-            raise ConfigError("trainer.dpo.beta", self.beta, "a positive number, e.g. 0.1")
+        if not _finite(self.beta) or not self.beta > 0:
+            raise ConfigError("trainer.dpo.beta", self.beta, "a finite positive number, e.g. 0.1")
         if self.loss not in get_args(DPOLossName):
             raise ConfigError("trainer.dpo.loss", self.loss, f"one of {get_args(DPOLossName)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("trainer.dpo.label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
-        if not isinstance(self.rpo_alpha, (int, float)) or self.rpo_alpha < 0:
-            raise ConfigError("trainer.dpo.rpo_alpha", self.rpo_alpha, "a number >= 0 (0 = plain DPO)")
+        if not _finite(self.rpo_alpha) or not self.rpo_alpha >= 0:
+            raise ConfigError("trainer.dpo.rpo_alpha", self.rpo_alpha, "a finite number >= 0 (0 = plain DPO)")
+        if not _finite(self.simpo_gamma):
+            raise ConfigError("trainer.dpo.simpo_gamma", self.simpo_gamma, "a finite number")
         if self.label_smoothing and self.loss not in ("cdpo", "robust"):
             raise ConfigError("trainer.dpo.label_smoothing", self.label_smoothing,
                               "0 unless trainer.dpo.loss is 'cdpo' or 'robust'")

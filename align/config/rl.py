@@ -3,6 +3,7 @@ Plain floats for the math; every check names the dotted key."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -16,7 +17,7 @@ PREFIX = "trainer.rl"
 
 def _number(key: str, value: object, low: float | None = None, high: float | None = None,
             low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -24,7 +25,7 @@ def _number(key: str, value: object, low: float | None = None, high: float | Non
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}" if low is not None else ""
         bound += f"{' and ' if bound else ''}<= {high}" if high is not None else ""
-        raise ConfigError(key, value, f"a number {bound}".strip())
+        raise ConfigError(key, value, f"a finite number {bound}".strip())
 
 
 def _integer(key: str, value: object, minimum: int) -> None:

@@ -11,9 +11,11 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .build import UnknownKeyError, as_dict, build, convert, suggest, unknown_key
+from .data import DataConfig
 from .embedded import EmbeddedBaseConfig, EmbeddedTaskConfig
 from .errors import ConfigError
 from .methods import DPOConfig, RewardConfig, SFTConfig
@@ -67,7 +69,8 @@ class DataSpec:
     ``sft``: SFT rows; ``preferences``: pairs for the reward model (and DPO with ``trainer.dpo.pairs=dataset``);
     ``preferences_eval``: held-out pairs; ``prompts``: RL / on-policy pair prompts; ``eval_prompts``: held-out
     prompts of the final evaluation. ``sft_eval_rows``/``rm_eval_rows``: rows of the training file held out when
-    there is no separate eval file."""
+    there is no separate eval file. ``allow_hub``: a name that is no local path may be a Hugging Face Hub dataset
+    (downloaded, needs network); false (default): it is refused, and the Hugging Face libraries run offline."""
 
     name: str = "embedded"
     sft: str | None = None
@@ -82,6 +85,7 @@ class DataSpec:
     sft_eval_rows: int = 200
     rm_eval_rows: int = 500
     embedded: EmbeddedTaskConfig = field(default_factory=EmbeddedTaskConfig)
+    allow_hub: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,10 @@ class RunSpec:
     name: str | None = None
     seed: int = 0
     stage_cache: str | None = None
+
+    def __post_init__(self) -> None:  # before the stages copy the seed (which would name trainer.sft.seed)
+        if self.seed < 0:
+            raise ConfigError("run.seed", self.seed, "an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,12 @@ class DPOExtras:
     pair_samples: int = 4
     pair_reward: str | list[dict] | dict = "ground_truth"
     pair_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for key, low in (("pair_prompts", 1), ("pair_samples", 2), ("pair_max_new_tokens", 1)):
+            if getattr(self, key) < low:
+                why = " (the best and the worst of them make a pair)" if key == "pair_samples" else ""
+                raise ConfigError(f"trainer.dpo.{key}", getattr(self, key), f"an integer >= {low}{why}")
 
 
 @dataclass(frozen=True)
@@ -423,15 +437,101 @@ def validate(cfg: RunConfig) -> None:
     _check_rewards(cfg, stages)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.model.device):
         raise ConfigError("model.device", cfg.model.device, "auto, cpu, cuda or cuda:N")
-    for name, low in (("prompts", 1), ("max_new_tokens", 1), ("pairs", 0)):
-        if getattr(cfg.eval, name) < low:
-            raise ConfigError(f"eval.{name}", getattr(cfg.eval, name), f"an integer >= {low}")
-    if not 0 < cfg.eval.temperature < float("inf"):
+    _check_ranges(cfg)
+    _check_paths(cfg)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Counts, sizes and limits that are nonsense on their own (a negative CPU count, a held-out split of -5
+    rows), refused before anything runs rather than inside the stage that uses them."""
+    integers = [("eval.prompts", cfg.eval.prompts, 1), ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1),
+                ("eval.pairs", cfg.eval.pairs, 0), ("data.sft_eval_rows", cfg.data.sft_eval_rows, 0),
+                ("data.rm_eval_rows", cfg.data.rm_eval_rows, 0),
+                ("resources.max_retries", cfg.resources.max_retries, 0),
+                ("resources.num_workers", cfg.resources.num_workers, 1)]
+    for key, value, low in integers:
+        if value < low:
+            raise ConfigError(key, value, f"an integer >= {low}")
+    if not cfg.eval.temperature > 0:
         raise ConfigError("eval.temperature", cfg.eval.temperature, "a finite number > 0")
-    if cfg.resources.max_retries < 0:
-        raise ConfigError("resources.max_retries", cfg.resources.max_retries, "an integer >= 0")
-    if cfg.resources.num_workers < 1:
-        raise ConfigError("resources.num_workers", cfg.resources.num_workers, "an integer >= 1")
+    optional = [("resources.num_cpus", cfg.resources.num_cpus, 1, "an integer >= 1, or null for every CPU"),
+                ("ray.num_cpus", cfg.ray.num_cpus, 1, "an integer >= 1, or null for every CPU"),
+                ("resources.num_gpus", cfg.resources.num_gpus, 0, "a number >= 0, or null for one GPU when "
+                 "the cluster has any")]
+    for key, value, low, allowed in optional:
+        if value is not None and value < low:
+            raise ConfigError(key, value, allowed)
+    if cfg.resources.memory_gb is not None and not cfg.resources.memory_gb > 0:
+        raise ConfigError("resources.memory_gb", cfg.resources.memory_gb, "a number > 0, or null for no reservation")
+    d = cfg.data  # the limits every stage's data is prepared with (data.max_length, data.max_prompt_length, ...)
+    DataConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows,
+               cache_dir=d.cache_dir)
+
+
+# the data each stage reads (DPO's depends on trainer.dpo.pairs, eval's held-out pairs on eval.pairs)
+STAGE_DATA = {"sft": ("sft",), "rm": ("preferences", "preferences_eval"), "ppo": ("prompts",),
+              "grpo": ("prompts",), "rloo": ("prompts",), "eval": ("eval_prompts",)}
+DATA_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".parquet", ".txt", ".gz", ".bz2", ".xz", ".zst"})
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def data_keys_read(cfg: RunConfig) -> dict[str, str]:
+    """{data key: the first stage that reads it} for the pipeline's stages."""
+    read: dict[str, str] = {}
+    for stage in cfg.pipeline.stages:
+        keys = STAGE_DATA.get(stage, ())
+        if stage == "dpo":
+            pairs = "prompts" if cfg.trainer["dpo"].extras.pairs == "onpolicy" else "preferences"
+            keys = (pairs, "preferences_eval")
+        if stage == "eval" and cfg.eval.pairs > 0:
+            keys = (*keys, "preferences_eval")
+        for key in keys:
+            read.setdefault(key, stage)
+    return read
+
+
+def looks_like_path(value: str) -> bool:
+    """A value that can only mean a local path: it starts with '/', '.' or '~', ends in a data file's extension, or
+    has more parts than a Hub dataset's 'owner/name'. A bare name or 'owner/name' may be a Hub dataset, which is
+    not for this check to judge (the data layer decides when it reads it)."""
+    if value.startswith(("/", ".", "~")) or os.path.isabs(value):
+        return True
+    if os.path.splitext(value)[1].lower() in DATA_SUFFIXES:
+        return True
+    separated = "/" in value or (os.sep != "/" and os.sep in value)
+    return separated and not _HUB_NAME.fullmatch(value)
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """What the stages will read exists (checked now, not when a stage starts hours later), and the run's
+    directories can be directories."""
+    for key, stage in data_keys_read(cfg).items():
+        value = getattr(cfg.data, key)
+        if value is None or not looks_like_path(value):
+            continue  # the embedded task's file, or a dataset name the data layer resolves
+        if not os.path.exists(os.path.expanduser(value)):
+            raise ConfigError(f"data.{key}", value, f"an existing data file or datasets directory (the {stage!r} "
+                              f"stage reads it); {os.path.abspath(os.path.expanduser(value))} does not exist: "
+                              "check the path")
+    path = cfg.model.path
+    if path is not None and cfg.model.gguf_file is None and not os.path.isdir(os.path.expanduser(path)):
+        what = "is a file, not a directory" if os.path.exists(os.path.expanduser(path)) else "does not exist"
+        raise ConfigError("model.path", path, f"a local transformers model directory; {path} {what} (a GGUF file "
+                          "goes in model.gguf_file)")
+    for key, value in (("run.dir", cfg.run_dir), ("run.stage_cache", cfg.run.stage_cache)):
+        blocker = _file_in_the_way(value) if value else None
+        if blocker is not None:
+            raise ConfigError(key, value, f"a directory path; {blocker} is an existing file: remove it or choose "
+                              f"another {key}")
+
+
+def _file_in_the_way(path: str) -> Path | None:
+    """The existing non-directory at ``path`` or at one of its parents (which would stop it being created)."""
+    full = Path(path).expanduser().absolute()
+    for candidate in (full, *full.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def trained_adapter_method(cfg: RunConfig, stage: str) -> tuple[str, str]:

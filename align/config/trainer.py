@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -17,9 +18,13 @@ def _positive_int(key: str, value: object, minimum: int = 1) -> None:
         raise ConfigError(key, value, f"an integer >= {minimum}")
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _non_negative(key: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ConfigError(key, value, "a number >= 0")
+    if not _finite(value) or not value >= 0:
+        raise ConfigError(key, value, "a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,13 @@ class OptimizerConfig:
             raise ConfigError("trainer.optimizer.name", self.name, f"one of {get_args(OptimizerName)}")
         if self.schedule not in get_args(ScheduleName):
             raise ConfigError("trainer.optimizer.schedule", self.schedule, f"one of {get_args(ScheduleName)}")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ConfigError("trainer.optimizer.lr", self.lr, "a positive number, e.g. 1e-4")
+        if not _finite(self.lr) or not self.lr > 0:
+            raise ConfigError("trainer.optimizer.lr", self.lr, "a finite positive number, e.g. 1e-4")
         for key in ("weight_decay", "eps", "max_grad_norm"):
             _non_negative(f"trainer.optimizer.{key}", getattr(self, key))
         for key in ("beta1", "beta2", "min_lr_ratio"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            if not _finite(value) or not 0 <= value <= 1:
                 raise ConfigError(f"trainer.optimizer.{key}", value, "a number in [0, 1]")
         _positive_int("trainer.optimizer.warmup_steps", self.warmup_steps, 0)
 

@@ -14,6 +14,7 @@ _LAZY = {
     "detect_format": ".formats", "lint_tokenization": ".lint", "build_dataset": ".prepare",
     "prepare_preferences": ".prepare", "prepare_prompts": ".prepare", "prepare_sft": ".prepare",
     "load_prompts": ".prepare", "load_source": ".sources", "tokenize_examples": ".tokenize", "truncate": ".tokenize", "DataReport": ".validate",
+    "split_heldout": ".split",
 }
 
 
@@ -27,5 +28,6 @@ def __getattr__(name: str):
 __all__ = [
     "BadRowsError", "DataError", "DataReport", "Example", "LintError", "PreferenceCollator", "PromptCollator",
     "RowProblem", "SFTCollator", "build_dataset", "detect_format", "lint_tokenization", "load_prompts", "load_source",
-    "pack_sft", "prepare_preferences", "prepare_prompts", "prepare_sft", "tokenize_examples", "truncate",
+    "pack_sft", "prepare_preferences", "prepare_prompts", "prepare_sft", "split_heldout", "tokenize_examples",
+    "truncate",
 ]

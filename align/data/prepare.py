@@ -24,7 +24,15 @@ from .formats import LAYOUT_COLUMNS, USES, detect_format
 from .lint import lint_sample, lint_tokenization
 from .sources import load_source, source_fingerprint, source_name
 from .tokenize import Tokenized, sequence, tokenize_examples, truncate
-from .validate import DataReport, check_length, enforce, merge_reports, require_rows, validate_rows
+from .validate import (
+    DataReport,
+    check_length,
+    enforce,
+    merge_reports,
+    require_rows,
+    validate_rows,
+    with_duplicates,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,22 +48,30 @@ FEATURES = {
 }
 
 
-def prepare_sft(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train") -> datasets.Dataset:
+def prepare_sft(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train",
+                key: str | None = None) -> datasets.Dataset:
     """SFT rows from ``cfg.train`` (or ``cfg.eval``): prompt/completion, messages, text, or a preference
-    file's prompt + chosen. Packed into ``max_length`` rows when ``cfg.packing``."""
-    return _prepare(cfg, tokenizer, "sft", split)
+    file's prompt + chosen. Packed into ``max_length`` rows when ``cfg.packing``. ``key``: the config key the
+    user set the file with (``data.sft``), named in every error; default ``data.<split>`` and the file's name."""
+    return _prepare(cfg, tokenizer, "sft", split, key)
 
 
-def prepare_preferences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                        split: str = "train") -> datasets.Dataset:
+def prepare_preferences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train",
+                        key: str | None = None) -> datasets.Dataset:
     """Preference pairs for DPO and reward models: prompt/chosen/rejected, UltraFeedback-style
     conversations, or Anthropic HH transcripts."""
-    return _prepare(cfg, tokenizer, "preference", split)
+    return _prepare(cfg, tokenizer, "preference", split, key)
 
 
-def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train") -> datasets.Dataset:
+def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train",
+                    key: str | None = None) -> datasets.Dataset:
     """Prompts for PPO/GRPO rollouts, from a prompt-only file or the prompts of an SFT/preference file."""
-    return _prepare(cfg, tokenizer, "prompt", split)
+    return _prepare(cfg, tokenizer, "prompt", split, key)
+
+
+def label(source: str, key: str | None) -> str:
+    """How messages name a source: ``data.sft=/data/sft.jsonl`` given the user's key, else the file's name."""
+    return f"{key}={source}" if key else source_name(source)
 
 
 def load_prompts(source: str, key: str, limit: int | None = None, on_bad_rows: str = "error",
@@ -65,9 +81,10 @@ def load_prompts(source: str, key: str, limit: int | None = None, on_bad_rows: s
     on-policy pairs starts from. ``limit``: the first ``limit`` prompts. ``with_rows``: also each prompt's 1-based
     row number and its row's other columns (e.g. a reference ``answer``), as ``(prompts, rows, columns)``."""
     raw = load_source(source, key)
-    layout = detect_format(raw.column_names, "auto", "prompt", source_name(source))
+    name = label(source, key)
+    layout = detect_format(raw.column_names, "auto", "prompt", name)
     examples, problems = validate_rows(raw, layout, "prompt")
-    require_rows(enforce(problems, on_bad_rows, source_name(source), len(raw)))
+    _log(with_duplicates(require_rows(enforce(problems, on_bad_rows, name, len(raw))), examples), cached=False)
     examples = examples[:limit] if limit else examples
     prompts = [e.prompt for e in examples]
     if not with_rows:
@@ -78,10 +95,11 @@ def load_prompts(source: str, key: str, limit: int | None = None, on_bad_rows: s
     return prompts, [e.row for e in examples], [table[e.row - 1] for e in examples]
 
 
-def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, use: str, split: str) -> datasets.Dataset:
+def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, use: str, split: str,
+             user_key: str | None) -> datasets.Dataset:
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
-    key, source = f"data.{split}", getattr(cfg, split)
+    key, source = user_key or f"data.{split}", getattr(cfg, split)
     if source is None:
         raise ConfigError(key, None, "a path to a JSONL/JSON/parquet/CSV file or a datasets directory; set it")
     if cfg.format != "auto" and cfg.format not in USES[use]:
@@ -102,7 +120,7 @@ def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, use: str, spli
             return hit[0]
     if raw is None:
         raw = load_source(source, key, sources_cache)
-    ds, report = build_dataset(raw, tokenizer, cfg, use, source_name(source))
+    ds, report = build_dataset(raw, tokenizer, cfg, use, label(source, user_key))
     if entry is not None:
         save_cached(cfg.cache_dir, entry, ds, report)
     _log(report, cached=False)
@@ -114,7 +132,7 @@ def build_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg
     """The uncached pipeline on an already loaded dataset; returns the tokenized dataset and its report."""
     layout = detect_format(raw.column_names, cfg.format, use, source)
     examples, problems = validate_rows(raw, layout, use)
-    report = require_rows(enforce(problems, cfg.on_bad_rows, source, len(raw)))
+    report = with_duplicates(require_rows(enforce(problems, cfg.on_bad_rows, source, len(raw))), examples)
     lint_tokenization(lint_sample(examples, cfg.lint_samples), tokenizer, max_length=cfg.max_length,
                       max_prompt_length=cfg.max_prompt_length, source=source)
     kept, problems = [], []
@@ -152,5 +170,5 @@ def _columns(rows: list[Tokenized], use: str) -> dict[str, list]:
 
 
 def _log(report: DataReport, cached: bool) -> None:
-    level = logging.WARNING if report.dropped or report.truncated else logging.INFO
+    level = logging.WARNING if report.dropped or report.truncated or report.duplicates else logging.INFO
     log.log(level, "%s%s", report.summary(), " (from the tokenized-data cache)" if cached else "")

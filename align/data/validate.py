@@ -7,10 +7,11 @@ per reason, which the caller logs: nothing is dropped silently.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import datasets
 
@@ -36,13 +37,16 @@ BATCH = 1024
 @dataclass(frozen=True)
 class DataReport:
     """What happened to a source's rows: ``dropped`` and ``truncated`` count rows per reason/field;
-    ``first`` holds the message of the first dropped row per reason."""
+    ``first`` holds the message of the first dropped row per reason. ``duplicates`` counts rows that repeat an
+    earlier row exactly (they are kept); ``duplicate_rows`` lists the first few as [row, the row it repeats]."""
 
     source: str
     total: int
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
     first: dict[str, str] = field(default_factory=dict)
+    duplicates: int = 0
+    duplicate_rows: list[list[int]] = field(default_factory=list)
 
     @property
     def kept(self) -> int:
@@ -55,6 +59,11 @@ class DataReport:
             text += "; first: " + " | ".join(self.first[r] for r in sorted(self.first))
         if self.truncated:
             text += "; truncated " + ", ".join(f"{n} {name}" for name, n in sorted(self.truncated.items()))
+        if self.duplicates:
+            pairs = ", ".join(f"row {row} repeats row {first}" for row, first in self.duplicate_rows)
+            more = ", ..." if self.duplicates > len(self.duplicate_rows) else ""
+            text += (f"; {self.duplicates} exact duplicate rows ({pairs}{more}): kept, each copy used again (a "
+                     "held-out split keeps all copies on one side); remove them if they are a mistake")
         return text
 
 
@@ -179,4 +188,25 @@ def merge_reports(first: DataReport, second: DataReport) -> DataReport:
     """Combine two passes over the same source (content checks, then length checks)."""
     dropped = Counter(first.dropped) + Counter(second.dropped)
     truncated = Counter(first.truncated) + Counter(second.truncated)
-    return DataReport(first.source, first.total, dict(dropped), dict(truncated), {**second.first, **first.first})
+    return DataReport(first.source, first.total, dict(dropped), dict(truncated), {**second.first, **first.first},
+                      first.duplicates, first.duplicate_rows)
+
+
+def find_duplicates(examples: list[Example]) -> list[tuple[int, int]]:
+    """(row, the earlier row it repeats) for every example whose content equals an earlier one's."""
+    seen: dict[str, int] = {}
+    found = []
+    for example in examples:
+        content = json.dumps([example.prompt, example.completion, example.chosen, example.rejected, example.raw],
+                             sort_keys=True)
+        if content in seen:
+            found.append((example.row, seen[content]))
+        else:
+            seen[content] = example.row
+    return found
+
+
+def with_duplicates(report: DataReport, examples: list[Example], shown: int = 3) -> DataReport:
+    """``report`` with the exact duplicates among ``examples`` counted (the first ``shown`` listed)."""
+    found = find_duplicates(examples)
+    return replace(report, duplicates=len(found), duplicate_rows=[list(pair) for pair in found[:shown]])

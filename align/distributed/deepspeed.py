@@ -22,12 +22,18 @@ world size / units of the whole step, and DeepSpeed averages over ranks but must
                              before clipping
     lr                       the learning rate of that update (align's own schedule, stepped by DeepSpeed)
     step()                   nothing left to do
+
+Checkpoints are DeepSpeed's own shards (``save_checkpoint``), but they are read back without pickle: the engine's
+checkpoint loader is replaced by ``load_without_pickle`` (``torch.load(weights_only=True)``, DeepSpeed's three plain
+state classes allowed), so resuming from a run directory on shared storage never runs code from it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import socket
 from pathlib import Path
 
@@ -124,6 +130,7 @@ class DeepSpeedBackend:
         self.engine, *_ = deepspeed.initialize(
             model=self.module, model_parameters=_param_groups(list(params.values()), optim), config=self.config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, optim, loop.max_steps))
+        self.engine.checkpoint_engine.load = load_without_pickle  # every file DeepSpeed reads back goes through it
         self.zero_stage = self.engine.zero_optimization_stage()
         self._trainable_at_init = _trainable(self.module)
         self._lr = self._scheduled_lr()
@@ -233,6 +240,8 @@ class DeepSpeedBackend:
         return {"deepspeed": {"world_size": self.world_size, "zero_stage": self.zero_stage}}
 
     def load_state(self, directory: Path, state: dict) -> None:
+        """DeepSpeed's shards back into the engine, read with ``load_without_pickle``: a checkpoint directory is
+        data, never code."""
         saved = state.get("deepspeed")
         if saved is None:
             raise RuntimeError(f"checkpoint {directory} was written without DeepSpeed; resume it without "
@@ -245,6 +254,34 @@ class DeepSpeedBackend:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load its state from {directory / CHECKPOINT_SUBDIR}")
+
+
+def _plain_state_classes() -> list[type]:
+    """The only non-tensor objects DeepSpeed 0.19 pickles into its checkpoints with bf16/fp16 off (checked on ZeRO-2
+    and ZeRO-3, with and without offload): plain data, whose unpickling sets attributes and runs no code of the
+    file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_without_pickle(path, map_location=None):
+    """What DeepSpeed's checkpoint engine loads with ``torch.load(weights_only=False)``, i.e. any pickle, read with
+    ``weights_only=True`` instead: tensors, containers, numbers and strings, plus DeepSpeed's plain state classes.
+    Anything else (a pickle that would call a function or build another object: a run directory on shared storage
+    must never become code execution) raises a RuntimeError naming the file and what it holds."""
+    try:
+        with torch.serialization.safe_globals(_plain_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"a reference to {found.group(1)}" if found else str(err).split("WeightsUnpickler error: ")[-1][:200]
+        raise RuntimeError(
+            f"{path}: refusing to unpickle it: it holds more than tensors and DeepSpeed's plain state ({what}). A "
+            "checkpoint is only ever read as data; this file was not written by align's DeepSpeed back-end or was "
+            "changed since. Delete this checkpoint (or move the output directory away) to restart the stage") from None
 
 
 def save_adapter_gathered(model: AdapterModel, name: str, directory: str | Path) -> Path:

@@ -12,6 +12,7 @@ naming both keys, so a DeepSpeed run never trains with other hyper-parameters th
     bf16.enabled, fp16.enabled      false: trainer.precision=bf16 runs under torch autocast with fp32 adapter weights
                                     and fp32 optimizer states, exactly as without DeepSpeed
 
+``checkpoint.load_universal`` is refused (DeepSpeed reads universal checkpoints with an unrestricted pickle).
 There is no ``scheduler`` section: the back-end hands DeepSpeed align's own warm-up/decay schedule. The optimizer is
 AdamW: DeepSpeedCPUAdam when the optimizer states are offloaded to the CPU, ``torch.optim.AdamW`` otherwise.
 """
@@ -56,6 +57,10 @@ def resolve_ds_config(ds: dict, optim: OptimizerConfig, loop: LoopConfig, world_
     if "scheduler" in ds:
         raise ValueError("the DeepSpeed config has a 'scheduler' section: remove it; the learning-rate schedule comes "
                          "from trainer.optimizer (schedule, warmup_steps, min_lr_ratio)")
+    if (ds.get("checkpoint") or {}).get("load_universal"):
+        raise ValueError("the DeepSpeed config sets checkpoint.load_universal: remove it; DeepSpeed reads universal "
+                         "checkpoints with an unrestricted pickle, and align resumes only from its own checkpoints, "
+                         "read as data")
     if optim.name != "adamw":
         raise ValueError(f"trainer.optimizer.name={optim.name!r} is not available with trainer.deepspeed; use 'adamw' "
                          "(DeepSpeed shards or offloads the AdamW states instead)")

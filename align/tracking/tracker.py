@@ -1,7 +1,8 @@
 """One tracker for every stage: metrics go to ``metrics.jsonl`` (always) and to W&B (optional).
 
 W&B mode: ``off`` never imports wandb; ``auto`` (default) logs offline unless ``WANDB_API_KEY`` is set or
-``WANDB_MODE=online``, so runs never block on the network and can be uploaded later with ``wandb sync``.
+``WANDB_MODE=online``, so runs never block on the network and can be uploaded later with ``wandb sync``. The config
+sent to W&B is redacted: a value interpolated from the environment (``align.config.compose.redacted``) is never sent.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ class Tracker:
         if mode is not None:
             import wandb as wb
 
+            from align.config.compose import redacted
+
             os.environ.setdefault("WANDB_DIR", str(self.out_dir))
-            self._run = wb.init(project=project, name=name, config=config or {}, mode=mode, group=group,
+            # W&B stores the config (and offline, writes it under the run directory): never a value from the
+            # environment (``${oc.env:WANDB_API_KEY}``), which shows as <from env: NAME>
+            self._run = wb.init(project=project, name=name, config=redacted(config or {}), mode=mode, group=group,
                                 job_type=job_type, dir=str(self.out_dir), reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -242,3 +242,141 @@ def test_command_line_typo_exits_2_and_suggests_the_key():
     assert "'trainer.dpo.bta'" in proc.stderr
     assert "did you mean 'beta'?" in proc.stderr
     assert proc.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------------ bad values up front
+@pytest.mark.parametrize(("override", "key"), [
+    ("trainer.sft.optimizer.lr=nan", "trainer.sft.optimizer.lr"),
+    ("trainer.sft.optimizer.lr=inf", "trainer.sft.optimizer.lr"),
+    ("trainer.sft.optimizer.weight_decay=nan", "trainer.sft.optimizer.weight_decay"),
+    ("trainer.dpo.beta=nan", "trainer.dpo.beta"),  # a NaN adapter would be saved as done
+    ("trainer.dpo.beta=-inf", "trainer.dpo.beta"),
+    ("trainer.ppo.kl.coef=inf", "trainer.ppo.kl.coef"),
+    ("resources.num_gpus=nan", "resources.num_gpus"),  # a float | None field says 'finite', not 'a number or null'
+    ("eval.temperature=inf", "eval.temperature"),
+])
+def test_nan_and_inf_are_refused_for_every_float(override, key):
+    error = _error([override])
+    assert error.key == key
+    assert "expected a finite number (nan and inf are not allowed here" in str(error)
+
+
+def test_the_method_configs_refuse_nan_when_built_directly():
+    """Code that builds the dataclasses itself (not through the YAML) gets the same refusal: comparisons with NaN
+    are all false, so 'beta <= 0' let NaN through."""
+    from align.config.methods import DPOConfig, RewardConfig
+    from align.config.rl import KLConfig
+    from align.config.trainer import OptimizerConfig
+
+    nan = float("nan")
+    for make, key in ((lambda: DPOConfig(beta=nan), "trainer.dpo.beta"),
+                      (lambda: DPOConfig(rpo_alpha=nan), "trainer.dpo.rpo_alpha"),
+                      (lambda: RewardConfig(center_rewards=nan), "trainer.reward.center_rewards"),
+                      (lambda: OptimizerConfig(lr=nan), "trainer.optimizer.lr"),
+                      (lambda: OptimizerConfig(weight_decay=float("inf")), "trainer.optimizer.weight_decay")):
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert info.value.key == key
+    with pytest.raises(ConfigError, match=r"^trainer.rl.kl.coef=inf: expected a finite number >= 0"):
+        KLConfig(coef=float("inf")).check("trainer.rl.kl")
+
+
+@pytest.mark.parametrize(("overrides", "key", "expected"), [
+    (["eval.prompts=-1"], "eval.prompts", "an integer >= 1"),
+    (["eval.temperature=-3"], "eval.temperature", "a finite number > 0"),
+    (["eval.max_new_tokens=0"], "eval.max_new_tokens", "an integer >= 1"),
+    (["data.max_length=1", "data.max_prompt_length=5"], "data.max_length", "an integer >= 2"),
+    (["data.max_length=4", "data.max_prompt_length=5"], "data.max_prompt_length", "less than data.max_length=4"),
+    (["data.max_prompt_length=0"], "data.max_prompt_length", "an integer >= 1"),
+    (["data.sft_eval_rows=-5"], "data.sft_eval_rows", "an integer >= 0"),
+    (["data.rm_eval_rows=-1"], "data.rm_eval_rows", "an integer >= 0"),
+    (["resources.num_cpus=-2"], "resources.num_cpus", "an integer >= 1, or null"),
+    (["resources.num_gpus=-1"], "resources.num_gpus", "a number >= 0, or null"),
+    (["resources.memory_gb=0"], "resources.memory_gb", "a number > 0, or null"),
+    (["ray.num_cpus=0"], "ray.num_cpus", "an integer >= 1, or null"),
+    (["trainer.dpo.pair_samples=1"], "trainer.dpo.pair_samples", "an integer >= 2"),
+    (["trainer.dpo.pair_prompts=0"], "trainer.dpo.pair_prompts", "an integer >= 1"),
+    (["run.seed=-1"], "run.seed", "an integer >= 0"),  # was reported as trainer.sft.seed
+])
+def test_out_of_range_values_name_the_key_the_user_typed(overrides, key, expected):
+    error = _error(overrides)
+    assert error.key == key
+    assert expected in str(error)
+
+
+def test_in_range_values_and_nulls_are_accepted():
+    cfg = compose_run_config(["resources.num_cpus=2", "resources.num_gpus=0", "resources.memory_gb=1.5",
+                              "data.sft_eval_rows=0", "trainer.dpo.pair_samples=2", "run.seed=3"])
+    assert (cfg.resources.num_gpus, cfg.data.sft_eval_rows, cfg.trainer["dpo"].loop.seed) == (0.0, 0, 3)
+    defaults = compose_run_config([])
+    assert (defaults.resources.num_cpus, defaults.resources.num_gpus, defaults.resources.memory_gb) == (None,) * 3
+
+
+def _real_files(tmp_path: Path, **missing: str) -> list[str]:
+    """Overrides of a real-model dpo pipeline (prompts from data.prompts) whose files all exist, except the keys
+    given in ``missing`` (key -> value)."""
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    files = []
+    for key in ("sft", "preferences", "prompts", "eval_prompts"):
+        path = tmp_path / f"{key}.jsonl"
+        path.write_text('{"prompt": "Q", "completion": "A"}\n')
+        files.append(f"data.{key}={missing.get(key, path)}")
+    return ["model=llama", f"model.path={model}", "data=files", *files, "trainer.dpo.pair_reward=length"]
+
+
+def test_real_files_that_exist_pass(tmp_path):
+    assert compose_run_config(_real_files(tmp_path)).data.sft == str(tmp_path / "sft.jsonl")
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("sft", "/nonexistent/sft.jsonl"),
+    ("prompts", "missing/prompts.jsonl"),
+    ("eval_prompts", "./eval"),
+    ("sft", "'~/no-such-dir-for-align/sft.jsonl'"),  # quoted: Hydra's grammar has no bare ~
+    ("prompts", "prompts.csv"),  # a bare file name with a data extension is a path too
+])
+def test_missing_data_files_are_refused_at_start_up(tmp_path, key, value):
+    error = _error(_real_files(tmp_path, **{key: value}))
+    assert error.key == f"data.{key}" and error.value == value.strip("'")
+    assert "does not exist: check the path" in str(error)
+
+
+def test_data_the_pipeline_does_not_read_and_dataset_names_are_left_alone(tmp_path):
+    # pairs=onpolicy reads data.prompts, not data.preferences; a bare name or owner/name may be a Hub dataset
+    cfg = compose_run_config(_real_files(tmp_path, preferences="/nonexistent/prefs.jsonl", sft="owner/name"))
+    assert cfg.data.preferences == "/nonexistent/prefs.jsonl" and cfg.data.sft == "owner/name"
+    assert compose_run_config(_real_files(tmp_path, sft="imdb")).data.sft == "imdb"
+    error = _error([*_real_files(tmp_path, preferences="/nonexistent/prefs.jsonl"), "trainer.dpo.pairs=dataset"])
+    assert error.key == "data.preferences" and "the 'dpo' stage reads it" in str(error)
+    error = _error(["data.preferences_eval=/nonexistent/held.jsonl"])  # the eval stage's held-out pairs
+    assert error.key == "data.preferences_eval"
+    assert compose_run_config(["data.preferences_eval=/nonexistent/held.jsonl", "eval.pairs=0",
+                               "pipeline.stages=[base,sft,eval]"]).eval.pairs == 0
+
+
+def test_model_path_must_be_a_directory(tmp_path):
+    overrides = _real_files(tmp_path)
+    error = _error([*overrides, f"model.path={tmp_path / 'nowhere'}"])
+    assert error.key == "model.path" and "does not exist" in str(error)
+    error = _error([*overrides, f"model.path={tmp_path / 'sft.jsonl'}"])
+    assert error.key == "model.path" and "is a file, not a directory" in str(error)
+
+
+def test_run_dir_that_is_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for value in (blocker, blocker / "sub"):
+        error = _error([f"run.dir={value}"])
+        assert error.key == "run.dir" and error.value == str(value)
+        assert f"{blocker} is an existing file: remove it or choose another run.dir" in str(error)
+    assert _error([f"run.stage_cache={blocker}"]).key == "run.stage_cache"
+    assert compose_run_config([f"run.dir={tmp_path / 'new' / 'run'}"]).run_dir == str(tmp_path / "new" / "run")
+
+
+def test_run_dir_that_is_a_file_exits_2_before_any_stage(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main([f"run.dir={blocker}", "ray.enabled=false"]) == 2
+    assert capsys.readouterr().err.startswith(f"config error: run.dir='{blocker}': expected a directory path")
+    assert blocker.read_text() == "x"
