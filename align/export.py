@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config.build import suggest
+from align.durable import replace_dir_durable
 
 USAGE = __doc__
 
@@ -206,14 +207,7 @@ def write_dir_atomic(out: Path, fill: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         fill(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir_durable(tmp, out)  # flushed, then swapped in: readers see the old export or the new one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
