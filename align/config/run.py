@@ -421,9 +421,13 @@ def validate(cfg: RunConfig) -> None:
         if rl and cfg.resources.num_workers > 1:
             raise ConfigError("deepspeed", cfg.deepspeed.name, f"none for the {rl[0]!r} stage: the RL trainers run "
                               "in one process (use pipeline=dpo for DeepSpeed, or resources.num_workers=1)")
-        if cfg.model.quantization != "none":
-            raise ConfigError("model.quantization", cfg.model.quantization,
-                              "'none' with DeepSpeed (ZeRO does not shard bitsandbytes layers); or deepspeed=none")
+        if cfg.model.quantization != "none" and _zero_stage(cfg.deepspeed.config) == 3:
+            raise ConfigError("deepspeed", cfg.deepspeed.name,
+                              f"zero2 or zero2_offload with model.quantization={cfg.model.quantization}: ZeRO-3 "
+                              "partitions the frozen base's packed 4-bit/8-bit storage, whose gathered weights no "
+                              "longer match bitsandbytes' quantization state; ZeRO-2 replicates the quantized base "
+                              "on every rank and partitions the adapters' gradients and optimizer state "
+                              "(or model.quantization=none for ZeRO-3)")
         for stage in ("sft", "rm", "dpo"):  # the stages that train through DeepSpeed
             method, key = trained_adapter_method(cfg, stage)
             if stage in stages and method == "adalora":
@@ -532,6 +536,23 @@ def _file_in_the_way(path: str) -> Path | None:
         if candidate.exists():
             return None if candidate.is_dir() else candidate
     return None
+
+
+def _zero_stage(config: str | None) -> int | None:
+    """The ZeRO stage a DeepSpeed JSON sets (a path, absolute or under configs/deepspeed/); None when unreadable
+    (the back-end reports that file when it starts)."""
+    import json
+    from pathlib import Path
+
+    if config is None:
+        return None
+    path = Path(config)
+    if not path.is_absolute() and not path.is_file():
+        path = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / config
+    try:
+        return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def trained_adapter_method(cfg: RunConfig, stage: str) -> tuple[str, str]:

@@ -90,6 +90,26 @@ def test_dpo_matches_torch_backend(config, tmp_path, single_rank):
         assert_same_weights(trainer.params, expected_params)
 
 
+@pytest.mark.parametrize("config", ["zero2.json", "zero2_offload.json"])
+def test_dpo_on_an_nf4_base_matches_torch_backend(config, tmp_path, single_rank):
+    """QLoRA under DeepSpeed ZeRO-2: the frozen NF4 base stays as it is (replicated), the adapter trains as with
+    the plain back-end."""
+    torch.manual_seed(0)
+    plain = dpo_trainer(tiny_model("nf4"), loop_config(STEPS, MICRO_BATCH, ACCUM), tmp_path / "torch")
+    expected = run(plain)
+    torch.manual_seed(0)
+    trainer = dpo_trainer(tiny_model("nf4"), loop_config(STEPS, MICRO_BATCH, ACCUM, str(CONFIGS / config)),
+                          tmp_path / "ds")
+    assert_close_runs(run(trainer), expected)
+    assert_same_weights(trainer.params, plain.params)
+
+
+def test_an_nf4_base_under_zero3_is_refused(tmp_path, single_rank):
+    with pytest.raises(ValueError, match=r"a quantized base with DeepSpeed ZeRO-3: .*use ZeRO-2"):
+        dpo_trainer(tiny_model("nf4"), loop_config(STEPS, MICRO_BATCH, ACCUM, str(CONFIGS / "zero3.json")),
+                    tmp_path / "ds")
+
+
 def test_sft_matches_torch_backend(tmp_path, single_rank):
     expected, expected_params = torch_run(sft_trainer, tmp_path)
     torch.manual_seed(0)

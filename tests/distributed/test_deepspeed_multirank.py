@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = "adapter_model.safetensors"
 
 
-def launch_two_ranks(out: Path) -> None:
-    config = json.loads((ROOT / "configs/deepspeed/zero3_offload.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    config_path = out / "zero3_offload.json"
+def launch_two_ranks(out: Path, name: str = "zero3_offload", quantization: str = "none") -> None:
+    config = json.loads((ROOT / f"configs/deepspeed/{name}.json").read_text())
+    if config["zero_optimization"]["stage"] == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    config_path = out / f"{name}.json"
     out.mkdir(parents=True)
     config_path.write_text(json.dumps(config))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -37,24 +38,28 @@ def launch_two_ranks(out: Path) -> None:
         env.pop(key, None)  # torchrun sets them for each rank
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests/distributed/run_dpo.py"),
-               str(config_path), str(out)]
+               str(config_path), str(out), quantization]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 @pytest.mark.slow
-def test_two_rank_zero3_offload_dpo_matches_single_process(tmp_path):
-    launch_two_ranks(tmp_path / "ranks")
+@pytest.mark.parametrize(("name", "quantization"), [("zero3_offload", "none"), ("zero2_offload", "nf4")])
+def test_two_rank_dpo_matches_single_process(name, quantization, tmp_path):
+    """ZeRO-3 with offload on a full-precision base; ZeRO-2 with offload on an NF4 base (QLoRA: the frozen 4-bit
+    base replicated on every rank, the adapter's gradients and optimizer state partitioned)."""
+    launch_two_ranks(tmp_path / "ranks", name, quantization)
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model(quantization)
     single = dpo_trainer(model, loop_config(STEPS, MICRO_BATCH * 2, ACCUM), tmp_path / "single")
     expected = run(single)
     model.save_adapter("policy", tmp_path / "single" / "adapter")
     reference = load_file(str(tmp_path / "single" / "adapter" / WEIGHTS))
 
     reports = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    stage = 3 if name.startswith("zero3") else 2
     assert {k: reports[0][k] for k in ("world_size", "zero_stage", "optimizer", "partitioned")} == {
-        "world_size": 2, "zero_stage": 3, "optimizer": "DeepSpeedCPUAdam", "partitioned": True}
+        "world_size": 2, "zero_stage": stage, "optimizer": "DeepSpeedCPUAdam", "partitioned": stage == 3}
     for step in range(STEPS):
         # every rank holds as many pairs, so the global mean loss is the mean of the ranks' means
         loss = sum(r["history"][step]["loss"] for r in reports) / 2

@@ -13,6 +13,7 @@ import torch
 from align.adapters import AdapterModel, LoraConfig
 from align.config.methods import DPOConfig, SFTConfig
 from align.config.trainer import LoopConfig, OptimizerConfig
+from align.models.quantize import quantize_linear_layers
 from align.models.tiny import tiny_llama
 from align.trainers.dpo import build_dpo_trainer
 from align.trainers.sft import build_sft_trainer
@@ -23,8 +24,13 @@ DPO = DPOConfig(beta=0.5, policy="policy", reference="sft")
 SFT = SFTConfig(adapter="sft")
 
 
-def tiny_model() -> AdapterModel:
-    model = AdapterModel(tiny_llama(seed=0))
+def tiny_model(quantization: str = "none") -> AdapterModel:
+    """The tiny Llama with a random 'sft' adapter; ``quantization`` 'nf4' or 'int8' quantizes its linear layers (the
+    frozen base of QLoRA)."""
+    base = tiny_llama(seed=0)
+    if quantization != "none":
+        base = quantize_linear_layers(base, quantization)
+    model = AdapterModel(base)
     with torch.random.fork_rng():
         torch.manual_seed(1)
         model.add_adapter("sft", LoraConfig(r=4, init_lora_weights=False))

@@ -137,7 +137,8 @@ def test_a_real_model_without_a_path_says_model_path_is_required():
 @pytest.mark.parametrize(("overrides", "key", "fragment"), [
     (["resources.num_workers=2"], "resources.num_workers", "1 unless a DeepSpeed config is chosen"),
     (["deepspeed=zero3", "resources.num_workers=2", "pipeline=ppo"], "deepspeed", "none for the 'ppo' stage"),
-    (["deepspeed=zero2", "model.quantization=nf4"], "model.quantization", "'none' with DeepSpeed"),
+    (["deepspeed=zero3", "model.quantization=nf4"], "deepspeed", "zero2 or zero2_offload with model.quantization=nf4"),
+    (["deepspeed=zero3_offload", "model.quantization=int8"], "deepspeed", "ZeRO-3 partitions the frozen base's"),
     (["model.path=/m"], "data.sft", "the embedded task's data only fits the embedded base"),
     (["pipeline.stages=[base,ppo,eval]"], "pipeline.stages", "the stage 'ppo' after ['rm']"),
     (["trainer.ppo.precision=bf16", "pipeline=ppo"], "trainer.ppo.precision", "'fp32' for the RL stages"),
@@ -147,6 +148,13 @@ def test_impossible_combinations_name_the_key(overrides, key, fragment):
     error = _error(overrides)
     assert error.key == key
     assert fragment in str(error)
+
+
+@pytest.mark.parametrize("deepspeed", ["zero2", "zero2_offload"])
+def test_a_quantized_base_trains_under_zero2(deepspeed):
+    """QLoRA under DeepSpeed: ZeRO-2 replicates the frozen NF4 base and partitions the adapters' state."""
+    cfg = compose_run_config([f"deepspeed={deepspeed}", "model.quantization=nf4", "resources.num_workers=2"])
+    assert cfg.model.quantization == "nf4" and cfg.deepspeed.config == f"{deepspeed}.json"
 
 
 def test_rl_stage_needs_rm_unless_it_uses_a_reward_function():

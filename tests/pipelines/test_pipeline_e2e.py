@@ -159,15 +159,18 @@ def test_wandb_offline_tracking_keeps_the_key_out(tmp_path, env):
     assert key not in proc.stdout + proc.stderr
 
 
-def test_two_ray_train_workers_with_zero3_match_one_process(tmp_path, env):
-    """pipeline=dpo with SFT and DPO on 2 Ray Train workers (DeepSpeed ZeRO-3, 8 rows per rank) against one plain
-    process with 16 rows per step: the same data, so the same adapters up to float noise; and the ZeRO-3 adapter
-    is gathered whole, never the empty shards."""
+@pytest.mark.parametrize(("deepspeed", "quantization"), [("zero3", "none"), ("zero2_offload", "nf4")])
+def test_two_ray_train_workers_match_one_process(deepspeed, quantization, tmp_path, env):
+    """pipeline=dpo with SFT and DPO on 2 Ray Train workers (8 rows per rank) against one plain process with 16
+    rows per step: the same data, so the same adapters up to float noise. ZeRO-3: the adapter is gathered whole,
+    never the empty shards; ZeRO-2 with offload on an NF4 base: QLoRA, the 4-bit base replicated on each rank."""
     env = {**env, "DS_ACCELERATOR": "cpu"}
-    workers = align_run(["deepspeed=zero3", "resources.num_workers=2", f"run.dir={tmp_path / 'workers'}"], env)
+    quantized = f"model.quantization={quantization}"
+    workers = align_run([f"deepspeed={deepspeed}", "resources.num_workers=2", quantized,
+                         f"run.dir={tmp_path / 'workers'}"], env)
     assert workers.returncode == 0, (workers.stdout + workers.stderr)[-4000:]
     single = align_run(["ray.enabled=false", "trainer.sft.micro_batch_size=16", "trainer.dpo.micro_batch_size=16",
-                        f"run.dir={tmp_path / 'single'}"], env)
+                        quantized, f"run.dir={tmp_path / 'single'}"], env)
     assert single.returncode == 0, single.stderr[-3000:]
     stages = manifest(tmp_path / "workers")["stages"]
     assert [stages[s]["status"] for s in ("base", "sft", "dpo", "eval")] == ["done"] * 4
