@@ -66,14 +66,25 @@ class RunningMoments:
         self.mean = 0.0
         self.m2 = 0.0
 
-    def update(self, values: torch.Tensor) -> None:
-        """Add every element of ``values`` (any shape) to the statistics."""
+    def update(self, values: torch.Tensor, reduce=None) -> None:
+        """Add every element of ``values`` (any shape) to the statistics. ``reduce``: sums a small tensor over the
+        ranks of a data-parallel run (an all-reduce), so that every rank adds the whole global batch and all ranks
+        keep the same statistics."""
         flat = values.detach().reshape(-1).double()
-        n = flat.numel()
-        if n == 0:
-            return
-        batch_mean = float(flat.mean())
-        batch_m2 = float((flat - batch_mean).square().sum())
+        if reduce is None:
+            n = flat.numel()
+            if n == 0:
+                return
+            batch_mean = float(flat.mean())
+            batch_m2 = float((flat - batch_mean).square().sum())
+        else:
+            count, total = reduce(torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64),
+                                               flat.sum()])).tolist()
+            n = int(count)
+            if n == 0:
+                return
+            batch_mean = total / n
+            batch_m2 = float(reduce((flat - batch_mean).square().sum().reshape(1))[0])
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean += delta * n / total

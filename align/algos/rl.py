@@ -8,6 +8,8 @@ token mean over every kept position of the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .logprobs import masked_mean, masked_sum
@@ -40,15 +42,40 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return masked_sum(centred.square(), mask, dim=None) / (count - 1 if unbiased else count.clamp(min=1))
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce: Reduce | None = None) -> torch.Tensor:
     """(values - mean) / sqrt(var + eps), the mean and unbiased variance taken over kept positions only (one pair
     of statistics for the whole batch, as TRL's ``masked_whiten``). ``shift_mean=False`` adds the mean back (only
-    rescales). Positions outside the mask come back as 0. values (B, T), mask (B, T); returns (B, T)."""
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + eps)
+    rescales). Positions outside the mask come back as 0. values (B, T), mask (B, T); returns (B, T).
+
+    ``reduce``: sums a small tensor over the ranks of a data-parallel run (an all-reduce); the statistics are then
+    those of the global batch, every rank holding a slice of it: two passes, (count, sum) then the sum of squared
+    deviations from the global mean."""
+    if reduce is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        mean, var = global_masked_moments(values, mask, reduce)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, 0.0)
+
+
+def global_masked_moments(values: torch.Tensor, mask: torch.Tensor, reduce: Reduce
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the kept positions of a batch split over ranks (``reduce`` sums over them),
+    in float64: count and sum first, then the squared deviations from the global mean."""
+    kept = mask.bool()
+    x = values.double()
+    count, total = reduce(torch.stack([kept.sum().double(), x[kept].sum()])).unbind()
+    if int(count) < 2:
+        raise ValueError(f"an unbiased masked variance needs at least 2 kept positions, got {int(count)}")
+    mean = total / count
+    squares = reduce((x[kept] - mean).square().sum().reshape(1))[0]
+    return mean.to(values.dtype), (squares / (count - 1)).to(values.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
