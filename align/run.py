@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print("# derived batch arithmetic")
         for line in describe_batches(cfg):
             print(f"#   {line}")
+        from align.models.memory_plan import describe_memory
+
+        for line in describe_memory(cfg):  # per rank, predicted from the config (docs/pipelines.md)
+            print(f"#   {line}")
         print(f"# run directory: {cfg.run_dir}")
         return 0
     from align.data.errors import DataError
