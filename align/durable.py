@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -81,8 +82,6 @@ def replace_dir_durable(tmp: str | Path, final: str | Path) -> None:
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
     if final.exists():
-        import shutil
-
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

@@ -30,9 +30,6 @@ LOCK_FILE = ".lock"
 class RunDirBusy(ConfigError):
     """``run.dir`` is owned by another live run."""
 
-    def __init__(self, key: str, value, allowed: str) -> None:
-        super().__init__(key, value, allowed)
-
 
 def _owner_text(owner: dict, now: float) -> str:
     beat = owner.get("heartbeat")

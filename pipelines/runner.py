@@ -57,8 +57,6 @@ def write_config(cfg: RunConfig, run_dir: Path) -> None:
     ``${oc.env:WANDB_API_KEY}``) written as ``<from env: NAME>``; the running stages get the real value."""
     from omegaconf import OmegaConf
 
-    from align.config.compose import redacted
-
     write_text_durable(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redacted(cfg.raw))))
 
 

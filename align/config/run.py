@@ -542,7 +542,6 @@ def _zero_stage(config: str | None) -> int | None:
     """The ZeRO stage a DeepSpeed JSON sets (a path, absolute or under configs/deepspeed/); None when unreadable
     (the back-end reports that file when it starts)."""
     import json
-    from pathlib import Path
 
     if config is None:
         return None
