@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from align.config.run import RunConfig
+from align.config.run import TRAINING_STAGES, RunConfig
 
 from .stages import execute_stage
 
@@ -89,7 +89,7 @@ class RayExecutor:
                    "retry_exceptions": False, "name": f"align:{stage}"}
         if cfg.resources.memory_gb:
             options["memory"] = int(cfg.resources.memory_gb * 2**30)
-        if cfg.resources.num_workers > 1 and stage in ("sft", "rm", "dpo"):
+        if cfg.resources.num_workers > 1 and stage in TRAINING_STAGES:
             from .train_workers import run_with_workers
 
             return run_with_workers(stage, cfg, run_dir, cpus)

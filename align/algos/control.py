@@ -78,7 +78,7 @@ class RunningMoments:
             batch_mean = float(flat.mean())
             batch_m2 = float((flat - batch_mean).square().sum())
         else:
-            count, total = reduce(torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64),
+            count, total = reduce(torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
                                                flat.sum()])).tolist()
             n = int(count)
             if n == 0:

@@ -90,8 +90,8 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class DeepSpeedSpec:
-    """``deepspeed=zero2|zero2_offload|zero3|zero3_offload|none``: the DeepSpeed JSON the SFT, RM and DPO stages
-    train through (relative paths are read from the repository's ``configs/deepspeed/``)."""
+    """``deepspeed=zero2|zero2_offload|zero3|zero3_offload|none``: the DeepSpeed JSON every training stage (SFT, RM,
+    DPO, PPO, GRPO, RLOO) trains through (relative paths are read from the repository's ``configs/deepspeed/``)."""
 
     name: str = "none"
     config: str | None = None
@@ -240,7 +240,7 @@ def build_stage(stage: str, mapping: Any, seed: int, deepspeed: str | None) -> S
     method_cls, extras_cls = METHOD_CLASSES[stage]
     loop_keys, method_keys = _fields(LoopConfig) - LOOP_EXCLUDED, _fields(method_cls) - ROLE_FIELDS
     loop = build(LoopConfig, {**{k: v for k, v in mapping.items() if k in loop_keys}, "seed": seed,
-                              "deepspeed": deepspeed if stage in ("sft", "rm", "dpo") else None}, key)
+                              "deepspeed": deepspeed if stage in TRAINING_STAGES else None}, key)
     optimizer = build(OptimizerConfig, mapping.get("optimizer"), f"{key}.optimizer")
     method_args = {k: v for k, v in mapping.items() if k in method_keys}
     extras = build(extras_cls, {k: v for k, v in mapping.items() if k in _fields(extras_cls)}, key)
@@ -417,10 +417,12 @@ def validate(cfg: RunConfig) -> None:
                           "1 unless a DeepSpeed config is chosen (deepspeed=zero2|zero3|...): several workers "
                           "train through the DeepSpeed back-end")
     if cfg.deepspeed.config is not None:
-        rl = [s for s in stages if s in RL_STAGES]
-        if rl and cfg.resources.num_workers > 1:
-            raise ConfigError("deepspeed", cfg.deepspeed.name, f"none for the {rl[0]!r} stage: the RL trainers run "
-                              "in one process (use pipeline=dpo for DeepSpeed, or resources.num_workers=1)")
+        for stage in RL_STAGES:
+            if stage in stages and cfg.trainer[stage].method.separate_value_optimizer:
+                raise ConfigError(f"trainer.{stage}.separate_value_optimizer", True,
+                                  "false with DeepSpeed: one engine updates the policy and value adapters and the "
+                                  "value head with one optimizer (and one global gradient-norm clip); or "
+                                  "deepspeed=none")
         if cfg.model.quantization != "none" and _zero_stage(cfg.deepspeed.config) == 3:
             raise ConfigError("deepspeed", cfg.deepspeed.name,
                               f"zero2 or zero2_offload with model.quantization={cfg.model.quantization}: ZeRO-3 "
@@ -428,7 +430,7 @@ def validate(cfg: RunConfig) -> None:
                               "longer match bitsandbytes' quantization state; ZeRO-2 replicates the quantized base "
                               "on every rank and partitions the adapters' gradients and optimizer state "
                               "(or model.quantization=none for ZeRO-3)")
-        for stage in ("sft", "rm", "dpo"):  # the stages that train through DeepSpeed
+        for stage in TRAINING_STAGES:  # the stages that train through DeepSpeed
             method, key = trained_adapter_method(cfg, stage)
             if stage in stages and method == "adalora":
                 raise ConfigError(key, method, f"another method with DeepSpeed: the {stage!r} stage would "
@@ -611,7 +613,7 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
         method = {k: v for k, v in st["method"].items() if k not in ROLE_FIELDS}
         out[f"trainer.{stage}"] = {**loop, **method, **st["extras"], "optimizer": st["optimizer"]}
         out["adapter"] = cfg.adapter_settings(stage)
-        if stage in ("sft", "rm", "dpo"):  # the DeepSpeed back-end and its ranks shape the training
+        if stage in TRAINING_STAGES:  # the DeepSpeed back-end and its ranks shape the training
             out["deepspeed"] = cfg.deepspeed.config
             out["num_workers"] = cfg.resources.num_workers
     files = {"sft": ("sft",), "rm": ("preferences", "preferences_eval", "rm_eval_rows"),

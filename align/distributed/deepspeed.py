@@ -216,8 +216,9 @@ class DeepSpeedBackend:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
-    def step(self) -> None:
-        """Nothing: DeepSpeed clips inside its step, so the update already ran in ``clip_and_norm``."""
+    def step(self, zero_grad: bool = True) -> None:
+        """Nothing: DeepSpeed clips inside its step, so the update already ran in ``clip_and_norm`` (and cleared the
+        gradients: AdaLoRA, which needs them after the update, is refused with DeepSpeed)."""
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -229,6 +230,18 @@ class DeepSpeedBackend:
 
     def _scheduled_lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]
+
+    @property
+    def synced_forwards(self) -> bool:
+        """ZeRO-3 on several ranks gathers each layer's parameters in every forward, a collective: the ranks must run
+        the same number of forwards (generation continues until every rank has finished)."""
+        return self.zero_stage == 3 and self.world_size > 1
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every rank (moved to the engine's device for the collective and back)."""
+        out = tensor.detach().to(self.engine.device).clone()
+        dist.all_reduce(out)
+        return out.to(tensor.device)
 
     def all_reduce_sum(self, value: int) -> int:
         total = torch.tensor([value], dtype=torch.long, device=self.engine.device)  # NCCL reduces GPU tensors

@@ -26,6 +26,8 @@ class TorchBackend:
 
     rank = 0
     world_size = 1
+    synced_forwards = False  # ranks that must run the same number of forwards (ZeRO-3 gathers in every forward)
+    reduce_sum = None  # the all-reduce of a data-parallel run (a tensor summed over ranks); one process: none
 
     def __init__(self, params: dict[str, nn.Parameter], cfg: OptimizerConfig, total_steps: int) -> None:
         self.params, self.cfg = params, cfg
@@ -85,7 +87,8 @@ class TorchBackend:
 
 def build_backend(modules: list[nn.Module], params: dict[str, nn.Parameter], optim: OptimizerConfig,
                   loop: LoopConfig):
-    """``DeepSpeedBackend`` when ``loop.deepspeed`` names a DeepSpeed config, else ``TorchBackend``."""
+    """``DeepSpeedBackend`` when ``loop.deepspeed`` names a DeepSpeed config, else ``TorchBackend``; the
+    learning-rate schedule spans ``loop.max_steps`` optimizer steps."""
     if loop.deepspeed is None:
         return TorchBackend(params, optim, loop.max_steps)
     from align.distributed.deepspeed import DeepSpeedBackend  # deepspeed is imported only when asked for

@@ -14,12 +14,13 @@ from align.config.rl import RLConfig
 from align.config.trainer import LoopConfig, OptimizerConfig
 from align.models.heads import ScalarHead
 
-from .rl_common import Experience, RewardFn, broadcast, penalised_sequence_rewards
+from .rl_common import Experience, Reduce, RewardFn, broadcast, penalised_sequence_rewards
 from .rl_loop import RLTrainer, build_rl_trainer, setup_roles
 
 
-def group_advantages(exp: Experience, kl_coef: float, cfg: RLConfig) -> None:
-    """(r_i - mean_g) / (std_g + eps) over the k samples of each prompt, broadcast over the response's tokens."""
+def group_advantages(exp: Experience, kl_coef: float, cfg: RLConfig, reduce: Reduce | None = None) -> None:
+    """(r_i - mean_g) / (std_g + eps) over the k samples of each prompt, broadcast over the response's tokens. A
+    prompt's k samples are always on one rank, so no statistic crosses ranks (``reduce`` is not needed)."""
     rewards = penalised_sequence_rewards(exp, kl_coef, cfg)
     exp.advantages = broadcast(grpo_advantages(rewards, cfg.rollout.group_size), exp.mask)
 

@@ -22,7 +22,7 @@ from align.models.device import device_of
 from align.models.heads import ScalarHead
 from align.models.roles import VALUE, Role
 
-from .rl_common import Experience, RewardFn
+from .rl_common import Experience, Reduce, RewardFn
 from .rl_loop import RLTrainer, build_rl_trainer, setup_roles
 
 
@@ -35,11 +35,12 @@ def token_rewards(exp: Experience, kl_coef: float, cfg: RLConfig) -> torch.Tenso
     return rewards
 
 
-def ppo_advantages(exp: Experience, kl_coef: float, cfg: RLConfig) -> None:
+def ppo_advantages(exp: Experience, kl_coef: float, cfg: RLConfig, reduce: Reduce | None = None) -> None:
     """GAE(gamma, lambda) advantages over the token rewards with the rollout's values; returns = A + V are the
-    value targets; advantages whitened over the batch's response tokens when ``cfg.whiten_advantages``."""
+    value targets; advantages whitened over the batch's response tokens when ``cfg.whiten_advantages`` (over every
+    data-parallel rank's with ``reduce``)."""
     advantages, returns = gae(token_rewards(exp, kl_coef, cfg), exp.values, exp.mask, cfg.gamma, cfg.lam)
-    exp.advantages = whiten(advantages, exp.mask) if cfg.whiten_advantages else advantages
+    exp.advantages = whiten(advantages, exp.mask, reduce=reduce) if cfg.whiten_advantages else advantages
     exp.returns = returns
 
 

@@ -56,7 +56,8 @@ class Experience:
         return len(self.rollout)
 
 
-AdvantageFn = Callable[[Experience, float, RLConfig], None]  # fills exp.advantages (and exp.returns)
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a data-parallel all-reduce: a small tensor summed over ranks
+AdvantageFn = Callable[..., None]  # (exp, kl_coef, cfg, reduce=None): fills exp.advantages (and exp.returns)
 
 
 # ---------------------------------------------------------------------------------------------- forwards
@@ -124,11 +125,12 @@ def score_rollout(model: AdapterModel, roles: dict[str, Role], rollout: Rollout,
 
 
 # --------------------------------------------------------------------------------------- reward shaping
-def shape_rewards(exp: Experience, cfg: RLConfig, moments: RunningMoments) -> None:
-    """Fill ``exp.rewards`` (normalised with the running moments, then clipped) and ``exp.kl`` (per token)."""
+def shape_rewards(exp: Experience, cfg: RLConfig, moments: RunningMoments, reduce: Reduce | None = None) -> None:
+    """Fill ``exp.rewards`` (normalised with the running moments, then clipped) and ``exp.kl`` (per token).
+    ``reduce``: the moments take in the rewards of every data-parallel rank."""
     rewards = exp.scores
     if cfg.normalize_rewards:
-        moments.update(rewards)
+        moments.update(rewards, reduce=reduce)
         if moments.count > 1:
             rewards = (rewards - moments.mean) / max(moments.std, 1e-8)
     if cfg.reward_clip > 0:
@@ -186,17 +188,31 @@ def minibatch_loss(model: AdapterModel, roles: dict[str, Role], exp: Experience,
 
 def update(model: AdapterModel, roles: dict[str, Role], exp: Experience, cfg: RLConfig, kl_coef: float,
            backends: list, generator: torch.Generator, value_head: ScalarHead | None = None,
-           adalora: AdaLoraHook | None = None) -> dict[str, float]:
+           adalora: AdaLoraHook | None = None, reduce: Reduce | None = None) -> dict[str, float]:
     """``cfg.ppo_epochs`` passes over the rollout in shuffled minibatches, one optimizer step (per back-end) each.
-    Returns the metrics averaged over minibatches, with the last gradient norm of each back-end. With ``adalora``
+    Returns the metrics averaged over minibatches (the gradient norm of each back-end too) and the learning rate of
+    the first update. With ``adalora``
     (trained AdaLoRA adapters) the orthogonal regulariser joins each minibatch loss and the allocator runs after
-    the optimizer steps, before the gradients are cleared."""
+    the optimizer steps, before the gradients are cleared.
+
+    Data-parallel (``reduce`` given, one DeepSpeed back-end): each rank's minibatch is its share of a global one.
+    Every term of the loss is a token mean, so each rank scales its own by (its tokens x ranks / global tokens):
+    DeepSpeed's average of the ranks' gradients is then exactly the gradient of the global token mean, whatever
+    the ranks' response lengths."""
     totals: dict[str, float] = {}
     steps = 0
+    driver = backends[0]  # runs the forward and backward: the only back-end under DeepSpeed
+
+    def loss_fn(rows: torch.Tensor):
+        return minibatch_loss(model, roles, exp, rows, cfg, kl_coef, value_head)
+
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(exp), generator=generator)
         for rows in order.split(cfg.minibatch_size):
-            loss, metrics = minibatch_loss(model, roles, exp, rows, cfg, kl_coef, value_head)
+            loss, metrics = driver.forward(loss_fn, rows)
+            if reduce is not None:
+                local = exp.mask[rows.to(exp.mask.device)].sum().double()
+                loss = loss * (local * driver.world_size / reduce(local.reshape(1))[0].clamp(min=1)).to(loss.dtype)
             regularizer = adalora.regularization() if adalora is not None else None
             if regularizer is not None:
                 loss = loss + regularizer
@@ -204,7 +220,7 @@ def update(model: AdapterModel, roles: dict[str, Role], exp: Experience, cfg: RL
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"the RL loss is {loss.item()}; nothing was saved for this iteration. "
                                        "Lower trainer.optimizer.lr or trainer.rl.kl.coef, or check the rewards")
-            loss.backward()
+            driver.backward(loss)
             for i, backend in enumerate(backends):
                 norm = backend.clip_and_norm()
                 if not math.isfinite(norm):
@@ -212,6 +228,8 @@ def update(model: AdapterModel, roles: dict[str, Role], exp: Experience, cfg: RL
                         other.zero_grad()
                     raise TrainingDiverged(f"gradient norm {norm}; nothing was saved for this iteration")
                 metrics[f"grad_norm/{i}"] = norm
+                if steps == 0 and i == 0:  # the lr of the iteration's first update (DeepSpeed has just made it)
+                    first_lr = backend.lr
                 backend.step(zero_grad=adalora is None)
             if adalora is not None:  # PEFT's order: after optimizer.step(), before the gradients are cleared
                 metrics.update(adalora.after_optimizer_step())
@@ -220,4 +238,4 @@ def update(model: AdapterModel, roles: dict[str, Role], exp: Experience, cfg: RL
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
-    return {key: value / steps for key, value in totals.items()}
+    return {**{key: value / steps for key, value in totals.items()}, "lr": first_lr}

@@ -14,16 +14,16 @@ from align.config.rl import RLConfig
 from align.config.trainer import LoopConfig, OptimizerConfig
 from align.models.heads import ScalarHead
 
-from .rl_common import Experience, RewardFn, broadcast, penalised_sequence_rewards
+from .rl_common import Experience, Reduce, RewardFn, broadcast, penalised_sequence_rewards
 from .rl_loop import RLTrainer, build_rl_trainer, setup_roles
 
 
-def leave_one_out_advantages(exp: Experience, kl_coef: float, cfg: RLConfig) -> None:
+def leave_one_out_advantages(exp: Experience, kl_coef: float, cfg: RLConfig, reduce: Reduce | None = None) -> None:
     """r_i - mean_{j != i} r_j within each prompt's group, broadcast over the response's tokens, whitened over the
-    batch's response tokens when ``cfg.whiten_advantages``."""
+    batch's response tokens (every data-parallel rank's with ``reduce``) when ``cfg.whiten_advantages``."""
     rewards = penalised_sequence_rewards(exp, kl_coef, cfg)
     advantages = broadcast(rloo_advantages(rewards, cfg.rollout.group_size), exp.mask)
-    exp.advantages = whiten(advantages, exp.mask) if cfg.whiten_advantages else advantages
+    exp.advantages = whiten(advantages, exp.mask, reduce=reduce) if cfg.whiten_advantages else advantages
 
 
 def build_rloo_trainer(model: AdapterModel, prompt_rows, tokenizer, cfg: RLConfig, loop: LoopConfig,

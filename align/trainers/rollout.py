@@ -11,12 +11,16 @@ role scores the same tensors with plain positions:
     finished        (B,)    True = the response produced EOS within ``max_new_tokens``
 
 Sampling draws from the global torch RNG, which checkpoints save and restore, so a resumed run samples what an
-uninterrupted one would.
+uninterrupted one would. The RL loop passes a ``seed`` instead: each generation batch is then sampled from an RNG
+seeded by ``(seed, its index in the global batch)``, so a run samples the same responses whether the global batch is
+generated in one process or split over data-parallel ranks (as long as ``generation_batch_size`` divides every
+rank's share), and the global RNG is left untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,32 +92,55 @@ def layout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[
                    prompt_ids=[list(p) for p in prompt_ids], response_ids=[list(r) for r in response_ids])
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The RNG seed of generation batch ``chunk`` of a rollout seeded ``seed`` (a 63-bit mix of the two)."""
+    return (seed * 1_000_003 + chunk * 7_919 + 17) % (2**63 - 1)
+
+
 @torch.no_grad()
 def generate_rollout(model: AdapterModel, adapter: str | None, prompt_ids: Sequence[Sequence[int]],
-                     cfg: RolloutConfig, eos_token_id: int, pad_token_id: int) -> Rollout:
+                     cfg: RolloutConfig, eos_token_id: int, pad_token_id: int, seed: int | None = None,
+                     first_chunk: int = 0, synced: bool = False) -> Rollout:
     """Sample one response per prompt (repeat a prompt for several samples) with ``adapter`` active, in eval mode,
-    ``cfg.generation_batch_size`` prompts at a time. The model's train/eval mode is restored."""
+    ``cfg.generation_batch_size`` prompts at a time. The model's train/eval mode is restored.
+
+    ``seed``: sample generation batch i from an RNG seeded ``chunk_seed(seed, first_chunk + i)`` (``first_chunk``:
+    the index of this call's first batch in the global batch) rather than from the global RNG. ``synced``: the
+    ranks of a ZeRO-3 run each generate until all have finished (every forward gathers parameters collectively)."""
     was_training = model.training
     model.eval()
     responses: list[list[int]] = []
     finished: list[torch.Tensor] = []
+    device = device_of(model)
     try:
         with model.use(adapter):
-            for start in range(0, len(prompt_ids), cfg.generation_batch_size):
+            for i, start in enumerate(range(0, len(prompt_ids), cfg.generation_batch_size)):
                 chunk = prompt_ids[start:start + cfg.generation_batch_size]
                 ids = pad(chunk, pad_token_id, left=True)  # (b, P): every prompt ends at the last column
                 mask = pad([[1] * len(p) for p in chunk], 0, left=True)
-                device = device_of(model)
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=cfg.temperature,
-                    top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id)
+                with _sampling_rng(seed, first_chunk + i, device):
+                    out = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, **({"synced_gpus": True} if synced else {}))
                 rows, done = split_responses(out[:, ids.shape[1]:], eos_token_id)
                 responses += rows
                 finished.append(done)
     finally:
         model.train(was_training)
-    return layout(prompt_ids, responses, pad_token_id, torch.cat(finished).cpu()).to(device_of(model))
+    return layout(prompt_ids, responses, pad_token_id, torch.cat(finished).cpu()).to(device)
+
+
+@contextmanager
+def _sampling_rng(seed: int | None, chunk: int, device: torch.device):
+    """The global RNG (``seed`` None), or a forked one seeded for ``chunk``: restored afterwards."""
+    if seed is None:
+        yield
+        return
+    forked = {"devices": [device], "device_type": "cuda"} if device.type == "cuda" else {"devices": []}
+    with torch.random.fork_rng(**forked):
+        torch.manual_seed(chunk_seed(seed, chunk))
+        yield
 
 
 def apply_unfinished_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -203,8 +203,12 @@ def test_adalora_with_deepspeed_is_refused_up_front():
         compose_run_config(["pipeline=rm", *rm_method("adalora"), "deepspeed=zero3"])
     assert info.value.key == "trainer.rm.adapter.method"
     compose_run_config(["pipeline=rm", "adapter=adalora", "deepspeed=zero2"])  # rm keeps its LoRA: fine
-    compose_run_config(["pipeline=grpo", "adapter=adalora", "deepspeed=zero3",  # RL never runs DeepSpeed
-                        "pipeline.stages=[base,grpo]", "trainer.grpo.reward=ground_truth"])
+    with pytest.raises(ConfigError) as info:  # the RL stages train through DeepSpeed too
+        compose_run_config(["pipeline=grpo", "adapter=adalora", "deepspeed=zero3", "pipeline.stages=[base,grpo]",
+                            "trainer.grpo.reward=ground_truth"])
+    assert info.value.key == "adapter.method" and "'grpo' stage would train an AdaLoRA adapter" in str(info.value)
+    compose_run_config(["pipeline=grpo", "adapter=adalora", "pipeline.stages=[base,grpo]",  # without DeepSpeed: fine
+                        "trainer.grpo.reward=ground_truth"])
 
 
 @pytest.mark.slow

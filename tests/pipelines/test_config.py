@@ -136,7 +136,8 @@ def test_a_real_model_without_a_path_says_model_path_is_required():
 # ------------------------------------------------------------------------------------------------ combinations
 @pytest.mark.parametrize(("overrides", "key", "fragment"), [
     (["resources.num_workers=2"], "resources.num_workers", "1 unless a DeepSpeed config is chosen"),
-    (["deepspeed=zero3", "resources.num_workers=2", "pipeline=ppo"], "deepspeed", "none for the 'ppo' stage"),
+    (["deepspeed=zero3", "resources.num_workers=2", "pipeline=ppo", "trainer.ppo.separate_value_optimizer=true"],
+     "trainer.ppo.separate_value_optimizer", "one engine updates the policy and value adapters"),
     (["deepspeed=zero3", "model.quantization=nf4"], "deepspeed", "zero2 or zero2_offload with model.quantization=nf4"),
     (["deepspeed=zero3_offload", "model.quantization=int8"], "deepspeed", "ZeRO-3 partitions the frozen base's"),
     (["model.path=/m"], "data.sft", "the embedded task's data only fits the embedded base"),
@@ -166,11 +167,11 @@ def test_rl_stage_needs_rm_unless_it_uses_a_reward_function():
     assert cfg.trainer["ppo"].method.reward_adapter is None and cfg.trainer["ppo"].method.value_init == "fresh"
 
 
-def test_deepspeed_with_one_worker_and_an_rl_pipeline_is_fine():
-    cfg = compose_run_config(["deepspeed=zero3", "pipeline=ppo"])
-    assert cfg.deepspeed.config == "zero3.json"
-    # only the SFT, RM and DPO stages train through DeepSpeed
-    assert [s for s, st in cfg.trainer.items() if st.loop.deepspeed] == ["sft", "rm", "dpo"]
+def test_deepspeed_reaches_every_training_stage_of_an_rl_pipeline():
+    for workers in ("1", "2"):
+        cfg = compose_run_config(["deepspeed=zero3", "pipeline=ppo", f"resources.num_workers={workers}"])
+        assert cfg.deepspeed.config == "zero3.json"
+        assert [s for s, st in cfg.trainer.items() if st.loop.deepspeed] == ["sft", "rm", "dpo", "ppo", "grpo", "rloo"]
 
 
 def test_ia3_adapter_group_keeps_the_reward_models_own_lora():

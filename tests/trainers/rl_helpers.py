@@ -65,11 +65,14 @@ def rl_config(algo: str = "ppo", **overrides) -> RLConfig:
 
 
 def build_rl(algo: str, out_dir, reward: str = "model", quantization: str = "none", max_steps: int = 4,
-             save_every: int = 0, cfg: RLConfig | None = None, model=None, **cfg_overrides):
+             save_every: int = 0, cfg: RLConfig | None = None, model=None, deepspeed: str | None = None,
+             prompts: int = 12, vocab_size: int = 128, **cfg_overrides):
     """Fresh model objects (rebuilt from the same seeds, as after a kill) and an RL trainer for ``algo`` with a
-    learned reward ('model') or MarkerReward ('function')."""
+    learned reward ('model') or MarkerReward ('function'), on ``prompts`` prompt rows of tokens below ``vocab_size``
+    (the model's vocabulary), through the DeepSpeed
+    back-end when ``deepspeed`` names its JSON config."""
     if model is None:
-        model, head = rl_model(quantization)
+        model, head = rl_model(quantization, vocab_size=vocab_size)
     else:
         model, head = model
     if reward == "function":
@@ -77,8 +80,8 @@ def build_rl(algo: str, out_dir, reward: str = "model", quantization: str = "non
         if algo == "ppo":
             cfg_overrides.setdefault("value_init", "fresh")
     cfg = cfg or rl_config(algo, **cfg_overrides)
-    loop = LoopConfig(max_steps=max_steps, save_every=save_every, progress=False)
+    loop = LoopConfig(max_steps=max_steps, save_every=save_every, progress=False, deepspeed=deepspeed)
     optim = OptimizerConfig(lr=1e-2, schedule="cosine", warmup_steps=1, weight_decay=0.01)
     kwargs = {"reward_head": head} if reward == "model" else {"reward_fn": MarkerReward()}
-    return BUILDERS[algo](model, prompt_rows(12), ToyTokenizer(), cfg, loop, optim, out_dir,
+    return BUILDERS[algo](model, prompt_rows(prompts, vocab=vocab_size), ToyTokenizer(), cfg, loop, optim, out_dir,
                           adapter_config=LoraConfig(r=4, lora_alpha=8), **kwargs)

@@ -44,12 +44,12 @@ def test_builders_refuse_mismatched_setups(tmp_path):
         build_rl("ppo", tmp_path, reward="function", reward_adapter="reward")
     with pytest.raises(ConfigError, match="trainer.rl.reference"):
         build_rl("grpo", tmp_path, reference="missing")
-    with pytest.raises(ConfigError, match="trainer.deepspeed"):
+    with pytest.raises(ConfigError, match="trainer.rl.separate_value_optimizer"):  # DeepSpeed: one engine
         from align.trainers.ppo import build_ppo_trainer
 
         model, head = rl_model()
-        build_ppo_trainer(model, [], None, RLConfig(), LoopConfig(deepspeed="zero2.json"), None, tmp_path,
-                          reward_head=head)
+        build_ppo_trainer(model, [], None, RLConfig(separate_value_optimizer=True), LoopConfig(deepspeed="zero2.json"),
+                          None, tmp_path, reward_head=head)
 
 
 def test_check_roles():

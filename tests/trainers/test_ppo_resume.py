@@ -1,11 +1,13 @@
 """Full-state RL resume: 4 iterations straight == 2 iterations, a kill, NEW model objects resuming for 2 more,
 bit for bit: policy and value adapters, value head, optimizer states, schedulers, KL controller, reward moments,
-prompt position and the sampled rollouts (the RNG is restored). A control run without the RNG restore diverges."""
+prompt position and the sampled rollouts. The rollouts are seeded by (run seed, iteration), so a resume samples
+the same responses even without the saved RNG states; a control run with another rollout seed diverges."""
 
 import pytest
 import torch
 
 import align.trainers.checkpoint as checkpoint_module
+import align.trainers.rollout as rollout_module
 from align.trainers.checkpoint import latest_checkpoint
 
 from .rl_helpers import build_rl
@@ -104,9 +106,14 @@ def test_resume_is_bit_identical(setting, tmp_path):
         assert any(name.startswith("value_head.") for name in straight.params)
 
 
-def test_resume_without_rng_restore_diverges(tmp_path, monkeypatch):
+def test_rollouts_are_seeded_by_iteration_not_by_the_saved_rng(tmp_path, monkeypatch):
+    """The RNG states a checkpoint restores no longer decide the samples: a resume without them ends with the same
+    weights. The control: a different rollout seed (chunk_seed) changes the weights."""
     straight, _ = _run("ppo", tmp_path / "straight", kill=False)
     monkeypatch.setattr(checkpoint_module, "restore_rng", lambda tensors, python_state: None)
     resumed, _ = _run("ppo", tmp_path / "resumed", kill=True)
-    differing = [k for k, v in straight.params.items() if not torch.equal(v, resumed.params[k])]
+    _assert_same(_state(straight), _state(resumed))
+    monkeypatch.setattr(rollout_module, "chunk_seed", lambda seed, chunk: seed + chunk + 1)
+    reseeded, _ = _run("ppo", tmp_path / "reseeded", kill=False)
+    differing = [k for k, v in straight.params.items() if not torch.equal(v, reseeded.params[k])]
     assert differing
