@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from .tiny import TINY
@@ -229,3 +230,64 @@ def test_a_dead_stage_worker_is_retried_by_ray_and_resumes(tmp_path, env):
     steps = [m["step"] for m in metrics if "train/loss" in m]
     assert steps[0] == 1 and steps.count(1) == 1  # the retry did not start over
     assert any(b <= a for a, b in zip(steps, steps[1:]))  # it went back to the last checkpoint
+
+
+def _model_dir(run_dir: Path) -> Path:
+    return Path(manifest(run_dir)["stages"]["base"]["artifacts"]["model_dir"])
+
+
+def _peft_logit_gap(run_dir: Path, adapter_dir: Path) -> float:
+    """Load ``adapter_dir`` with the real peft onto the run's base (a transformers directory) and return the largest
+    logit difference from align's own loading of it."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from align.adapters import AdapterModel
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(_model_dir(run_dir)),
+                                                adapter_dir).eval()(ids).logits
+        ours = AdapterModel(AutoModelForCausalLM.from_pretrained(_model_dir(run_dir)).eval())
+        ours.load_adapter(adapter_dir, "policy")
+        with ours.use("policy"):
+            return (theirs - ours(ids).logits).abs().max().item()
+
+
+RL_ON_WORKERS = {  # the one-process run's overrides: the global batch of two workers in one process
+    "ppo": ["trainer.sft.micro_batch_size=16", "trainer.rm.micro_batch_size=16",
+            "trainer.ppo.rollout.prompts_per_step=16"],
+    "grpo": ["trainer.sft.micro_batch_size=16", "trainer.grpo.rollout.prompts_per_step=8",
+             "trainer.grpo.minibatch_size=32"],
+}
+
+
+@pytest.mark.parametrize(("pipeline", "deepspeed", "quantization"), [
+    ("ppo", "zero2_offload", "nf4"), ("grpo", "zero3", "none")])
+def test_rl_pipeline_on_two_ray_train_workers(pipeline, deepspeed, quantization, tmp_path, env):
+    """pipeline=ppo (SFT, RM, PPO) and pipeline=grpo (SFT, GRPO) with every training stage on 2 Ray Train workers,
+    against one plain process with the global batch of both (per rank: 8 SFT/RM rows, PPO 8 prompts, GRPO 4 prompts
+    x 4 samples; generation in batches of 8, which divides each rank's share, so both runs sample the same). The
+    adapters agree up to fp32 noise that Adam amplifies (test_rl_multirank.py), they are whole (never ZeRO-3's
+    empty shards), and the real peft loads the policy with align's logits."""
+    env = {**env, "DS_ACCELERATOR": "cpu"}
+    common = [f"pipeline={pipeline}", f"model.quantization={quantization}",
+              f"trainer.{pipeline}.rollout.generation_batch_size=8"]
+    workers = align_run([*common, f"deepspeed={deepspeed}", "resources.num_workers=2",
+                         f"run.dir={tmp_path / 'workers'}"], env)
+    assert workers.returncode == 0, (workers.stdout + workers.stderr)[-4000:]
+    single = align_run([*common, *RL_ON_WORKERS[pipeline], "ray.enabled=false", f"run.dir={tmp_path / 'single'}"],
+                       env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    stages = manifest(tmp_path / "workers")["stages"]
+    assert all(stages[s]["status"] == "done" for s in stages), stages
+    for stage in [s for s in ("sft", "rm", pipeline) if s in stages]:
+        a, b = adapter_tensors(tmp_path / "workers", stage), adapter_tensors(tmp_path / "single", stage)
+        assert a.keys() == b.keys() and len(a) > 0
+        differences = [(a[k] - b[k]).abs().flatten() for k in a if a[k].numel() > 0]
+        assert len(differences) == len(a), f"{stage}: empty tensors saved"
+        differences = torch.cat(differences)
+        assert differences.median() < 2e-6 and differences.max() < 2e-4, (stage, differences.median(),
+                                                                          differences.max())
+    # peft loads the policy onto the base directory (the NF4 run's adapter too: its base is that directory, quantized)
+    assert _peft_logit_gap(tmp_path / "workers", tmp_path / "workers" / pipeline / "adapter") < 1e-4
