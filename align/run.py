@@ -32,9 +32,13 @@ def describe_batches(cfg) -> list[str]:
             m = st.method
             samples = m.samples_per_step
             minibatches = -(-samples // m.minibatch_size)
-            lines.append(f"{stage}: {loop.max_steps} iterations x {m.rollout.prompts_per_step} prompts x "
-                         f"{m.rollout.group_size} samples per prompt = {samples} samples per iteration; "
-                         f"{m.ppo_epochs} epochs x {minibatches} minibatches of {m.minibatch_size} = "
+            prompts, rows = m.rollout.prompts_per_step, m.minibatch_size  # per rank
+            if workers > 1:  # every rank rolls out its share; a global minibatch is one per rank
+                prompts = f"{workers * prompts} ({workers} worker(s) x {prompts})"
+                rows = f"{workers} x {rows}"
+            lines.append(f"{stage}: {loop.max_steps} iterations x {prompts} prompts x "
+                         f"{m.rollout.group_size} samples per prompt = {workers * samples} samples per iteration; "
+                         f"{m.ppo_epochs} epochs x {minibatches} minibatches of {rows} = "
                          f"{m.ppo_epochs * minibatches} optimizer steps per iteration")
             continue
         unit = {"sft": "rows", "rm": "pairs", "dpo": "pairs"}[stage]

@@ -3,9 +3,8 @@
 Each training stage is composed from the shipped configs (``pipeline=<stage>`` and the overrides below, validated
 as ``python -m align.run`` validates them), then predicted for a model shape given here instead of the embedded
 base: the roles, micro-batch and DeepSpeed settings are the config's. A cell is the device total per rank, with
-what ZeRO offloads to the host after a '+'; '-' where the config refuses the combination (DeepSpeed with a
-quantized base, several ranks with an RL stage). The RL stages never train through DeepSpeed, so their cells
-repeat the plain number.
+what ZeRO offloads to the host after a '+'; '-' where the config refuses the combination (ZeRO-3 with a quantized
+base).
 
     python scripts/memory_table.py            # prints the markdown tables
 """

@@ -236,6 +236,18 @@ def test_cfg_job_prints_the_grpo_iteration_arithmetic(capsys):
     assert "#   dpo:" not in out and "#   sft: 300 steps" in out
 
 
+def test_cfg_job_prints_the_global_rl_batch_of_several_workers(capsys):
+    rc = main(["--cfg", "job", "pipeline=grpo", "deepspeed=zero3", "resources.num_workers=2",
+               "trainer.grpo.max_steps=5", "trainer.grpo.rollout.prompts_per_step=6",
+               "trainer.grpo.rollout.group_size=4", "trainer.grpo.minibatch_size=16", "trainer.grpo.ppo_epochs=3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    # per rank as with one worker (24 samples, 2 minibatches of 16); globally twice the prompts and samples
+    assert ("#   grpo: 5 iterations x 12 (2 worker(s) x 6) prompts x 4 samples per prompt = 48 samples per "
+            "iteration; 3 epochs x 2 minibatches of 2 x 16 = 6 optimizer steps per iteration\n") in out
+    assert "#   memory grpo (per rank, 2 ranks, fp32 base, DeepSpeed zero3 (ZeRO-3); trains policy" in out
+
+
 def test_cfg_job_with_a_bad_key_returns_2(capsys):
     assert main(["--cfg", "job", "trainer.dpo.betta=0.2"]) == 2
     captured = capsys.readouterr()
