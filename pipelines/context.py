@@ -103,13 +103,15 @@ class StageContext:
         return self.cfg.run.name or self.run_dir.name
 
     def save_adapter_atomic(self, model, name: str, head=None, subdir: str = "adapter") -> str:
-        """Write adapter ``name`` (and a head beside it) to ``<stage>/<subdir>`` through a temporary directory,
+        """Write adapter ``name`` (and a head beside it) to ``<stage>/<subdir>`` (``subdir`` may be nested, e.g.
+        ``round-2/adapter``) through a temporary directory beside it,
         so a crash never leaves a half-written adapter where a later stage would read it (one writer: the run
         directory's lock, ``pipelines.lock``, keeps a second run out). With several ranks
         (DeepSpeed workers) every rank calls this: the weights are gathered from their shards, rank 0 writes;
         likewise after DeepSpeed on one rank, where ZeRO-3 partitions too."""
         final = self.dir / subdir
-        tmp = self.dir / f".{subdir}.tmp"
+        tmp = final.parent / f".{final.name}.tmp"  # same directory: the final rename never crosses a mount
+        final.parent.mkdir(parents=True, exist_ok=True)
         stage = self.cfg.trainer.get(self.stage)
         # ZeRO-3 partitions the weights even on one rank: gather whenever the stage trained through DeepSpeed
         sharded = distributed() or (stage is not None and stage.loop.deepspeed is not None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
 NOISY = {"step", "time", "train/lr", "train/grad_norm", "kl_coef"}
 
 Series = dict[str, list[tuple[float, float]]]
+ROUND_KEY = re.compile(r"round-(\d+)/(.+)")  # a metric of one round of a stage trained in rounds
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -270,6 +272,30 @@ def _stages_table(run_dir: Path, manifest: Manifest) -> list[str]:
     return lines
 
 
+def _rounds_section(manifest: Manifest) -> list[str]:
+    """A table per stage that trained in rounds (iterative DPO's ``round-<r>/<key>`` metrics); none otherwise."""
+    lines: list[str] = []
+    for stage, record in manifest.stages.items():
+        rounds: dict[int, dict[str, Any]] = {}
+        for key, value in (record.get("metrics") or {}).items():
+            match = ROUND_KEY.fullmatch(key)
+            if match:
+                rounds.setdefault(int(match[1]), {})[match[2]] = value
+        if not rounds:
+            continue
+        lines += [f"## {stage} rounds", "",
+                  "Held-out accuracy and margin: the implicit reward beta*log(pi/pi_ref) against each round's own "
+                  "reference.", "",
+                  "| round | pairs | held-out accuracy | margin | eval loss | train loss | seconds |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for number, m in sorted(rounds.items()):
+            lines.append(f"| {number} | {_num(m.get('train_pairs'))} | {_percent(m.get('eval/rewards/accuracy'))} | "
+                         f"{_fixed(m.get('eval/rewards/margin'))} | {_fixed(m.get('eval/loss'))} | "
+                         f"{_fixed(m.get('train/loss'))} | {_fixed(m.get('seconds'), 1)} |")
+        lines.append("")
+    return lines
+
+
 def _truncate(text: str, limit: int = EXAMPLE_CHARS) -> str:
     text = text.strip()
     return text if len(text) <= limit else text[:limit].rstrip() + " …"
@@ -346,7 +372,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [f"# {manifest.pipeline or 'pipeline'} run — {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Run directory: `{run_dir}`" + ("; resolved config: [config.yaml](config.yaml)"
                                               if (run_dir / "config.yaml").is_file() else ""), "",
-             "## Stages", "", *_stages_table(run_dir, manifest), ""]
+             "## Stages", "", *_stages_table(run_dir, manifest), "", *_rounds_section(manifest)]
     lines += _eval_section(_read_json(run_dir / "eval" / "result.json"))
     if plots:
         lines += ["## Training curves", ""]

@@ -5,7 +5,8 @@ artifacts atomically. They run inside a Ray task, a Ray Train worker group, or t
     base  builds (once, cached) or locates the frozen base        -> model_dir, data_dir
     sft   the 'sft' adapter on the base                            -> sft/adapter
     rm    the 'reward' adapter + score head                        -> rm/adapter (+ head)
-    dpo   the 'policy' adapter, reference = frozen 'sft'           -> dpo/adapter (+ pairs.jsonl)
+    dpo   the 'policy' adapter, reference = frozen 'sft'           -> dpo/adapter (+ pairs.jsonl; with rounds:
+                                                                       round-<r>/, dpo_rounds.py)
     ppo / grpo / rloo  the 'policy' (+ 'value') adapters           -> <stage>/adapter (+ value/)
     eval  samples from the policy and its reference, scored        -> eval/result.json
 """
@@ -22,6 +23,8 @@ from align.models.device import device_of
 
 from .context import StageContext, StageResult, barrier, rank
 from .manifest import hash_path
+
+ROUND_SEED_STRIDE = 1000  # round r of iterative DPO samples pairs with seed + 11 + 1000 (r - 1)
 
 
 def _data(ctx: StageContext, train: str, **extra) -> DataConfig:
@@ -166,9 +169,12 @@ def run_rm(ctx: StageContext) -> StageResult:
 def run_dpo(ctx: StageContext) -> StageResult:
     from align.data import prepare_preferences
     from align.trainers.dpo import build_dpo_trainer
-    from reward.pairs import sample_preference_pairs, write_jsonl
 
     st = ctx.cfg.trainer["dpo"]
+    if st.extras.rounds > 1:  # iterative DPO: its own layout under dpo/round-<r>/
+        from .dpo_rounds import run_dpo_rounds
+
+        return run_dpo_rounds(ctx)
     has_sft = ctx.upstream("sft")
     model, tok = ctx.load_model(("sft",) if has_sft else ())
     method = st.method if has_sft else replace(st.method, reference=None)
@@ -176,22 +182,9 @@ def run_dpo(ctx: StageContext) -> StageResult:
     if st.extras.pairs == "onpolicy":
         pairs_file = ctx.dir / "pairs.jsonl"
         source = ctx.data_path("prompts", "prompts.jsonl")
-        if not pairs_file.is_file() and rank() == 0:  # sampled once; a resumed stage trains on the same pairs
-            start = time.perf_counter()
-            prompts = _prompts(ctx, source, "data.prompts", st.extras.pair_prompts)
-            reward_fn = _reward(ctx, st.extras.pair_reward, "trainer.dpo.pair_reward", source, tok)
-            rows = sample_preference_pairs(model, "sft" if has_sft else None, tok, prompts, reward_fn,
-                                           k=st.extras.pair_samples,
-                                           max_new_tokens=st.extras.pair_max_new_tokens, seed=ctx.cfg.run.seed + 11)
-            if not rows:
-                raise ValueError(f"trainer.dpo.pair_reward: no preference pair from {len(prompts)} prompts x "
-                                 f"{st.extras.pair_samples} samples: on every prompt the samples tied under the reward "
-                                 "(or were empty); use a reward that separates responses (a weighted sum with a "
-                                 "length rule breaks ties), more trainer.dpo.pair_samples or pair_prompts, or "
-                                 "trainer.dpo.pairs=dataset")
-            write_jsonl(rows, pairs_file)
-            metrics["pairs_seconds"] = round(time.perf_counter() - start, 1)
-        barrier()  # other DeepSpeed ranks wait for rank 0's pairs
+        seconds = sample_onpolicy_pairs(ctx, model, tok, "sft" if has_sft else None, pairs_file)
+        if seconds is not None:
+            metrics["pairs_seconds"] = seconds
         train_path = str(pairs_file)
         # sampled text that the tokenizer cannot round-trip is dropped (and counted), never fatal
         train = prepare_preferences(_data(ctx, train_path, on_bad_rows="skip"), tok)
@@ -200,9 +193,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
         train_path = ctx.data_path("preferences", "preferences.jsonl")
         train = prepare_preferences(_data(ctx, train_path), tok, key="data.preferences")
         inputs = _inputs(train_path)
-    eval_path = ctx.cfg.data.preferences_eval or (ctx.data_path("preferences_eval", "preferences_eval.jsonl")
-                                                  if ctx.cfg.embedded else None)
-    held = prepare_preferences(_data(ctx, eval_path), tok, key="data.preferences_eval") if eval_path else None
+    eval_path, held = dpo_eval_set(ctx, tok)
     metrics["train_pairs"] = len(train)
     with ctx.tracker() as tracker:
         last = build_dpo_trainer(model, train, held, tok.pad_token_id, method, ctx.loop(), st.optimizer, ctx.dir,
@@ -212,6 +203,60 @@ def run_dpo(ctx: StageContext) -> StageResult:
     if st.extras.pairs == "onpolicy":
         artifacts["pairs"] = ctx.rel(ctx.dir / "pairs.jsonl")
     return StageResult(metrics, artifacts, {**inputs, **_inputs(eval_path)})
+
+
+def round_prompts(prompts: list, per_round: int, number: int) -> list:
+    """Round ``number``'s ``per_round`` prompts: the next slice after the previous rounds' (round 1: the first
+    ``per_round``), wrapping around the file, so successive rounds see other prompts while the file lasts."""
+    take = min(per_round, len(prompts))
+    start = (number - 1) * per_round % max(len(prompts), 1)
+    return [prompts[(start + i) % len(prompts)] for i in range(take)]
+
+
+def sample_onpolicy_pairs(ctx: StageContext, model, tok, adapter: str | None, pairs_file: Path,
+                          number: int = 1) -> float | None:
+    """Write the on-policy pairs of round ``number`` (1 without rounds), sampled from ``adapter`` (None: the bare
+    base) with that round's seed and prompts, to ``pairs_file`` unless it exists: sampled once, so a resumed stage
+    trains on the same pairs. Rank 0 samples, the other (DeepSpeed) ranks wait. The seconds spent sampling, or None
+    when the pairs were already there."""
+    from reward.pairs import sample_preference_pairs, write_jsonl
+
+    ex = ctx.cfg.trainer["dpo"].extras
+    seconds = None
+    if not pairs_file.is_file() and rank() == 0:
+        start = time.perf_counter()
+        source = ctx.data_path("prompts", "prompts.jsonl")
+        prompts = round_prompts(_prompts(ctx, source, "data.prompts"), ex.pair_prompts, number)
+        reward_fn = _reward(ctx, ex.pair_reward, "trainer.dpo.pair_reward", source, tok)
+        rows = sample_preference_pairs(model, adapter, tok, prompts, reward_fn, k=ex.pair_samples,
+                                       max_new_tokens=ex.pair_max_new_tokens,
+                                       seed=ctx.cfg.run.seed + 11 + ROUND_SEED_STRIDE * (number - 1))
+        if not rows:
+            where = f" in round {number}" if ex.rounds > 1 else ""
+            raise ValueError(f"trainer.dpo.pair_reward: no preference pair from {len(prompts)} prompts x "
+                             f"{ex.pair_samples} samples{where}: on every prompt the samples tied under the reward "
+                             "(or were empty); use a reward that separates responses (a weighted sum with a "
+                             "length rule breaks ties), more trainer.dpo.pair_samples or pair_prompts, or "
+                             "trainer.dpo.pairs=dataset")
+        write_jsonl(rows, pairs_file)
+        seconds = round(time.perf_counter() - start, 1)
+    barrier()  # other DeepSpeed ranks wait for rank 0's pairs
+    return seconds
+
+
+def dpo_eval_path(ctx: StageContext) -> str | None:
+    """The held-out preference pairs DPO evaluates on (the embedded task's own on the embedded base), or None."""
+    return ctx.cfg.data.preferences_eval or (ctx.data_path("preferences_eval", "preferences_eval.jsonl")
+                                             if ctx.cfg.embedded else None)
+
+
+def dpo_eval_set(ctx: StageContext, tok) -> tuple[str | None, object]:
+    """(path, prepared pairs) of the held-out preference pairs; (None, None) without any."""
+    from align.data import prepare_preferences
+
+    eval_path = dpo_eval_path(ctx)
+    held = prepare_preferences(_data(ctx, eval_path), tok, key="data.preferences_eval") if eval_path else None
+    return eval_path, held
 
 
 # ------------------------------------------------------------------------------------------------ rl

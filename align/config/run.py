@@ -179,19 +179,31 @@ class RMExtras:
 class DPOExtras:
     """``pairs``: 'onpolicy' samples ``pair_samples`` responses per prompt from the SFT policy and keeps the best
     and worst under ``pair_reward`` (a reward function) as chosen/rejected (the DPO paper's protocol);
-    'dataset' trains on ``data.preferences``."""
+    'dataset' trains on ``data.preferences``.
+
+    ``rounds`` > 1: iterative (online) DPO. Each round samples fresh on-policy pairs from the current policy (round
+    1: the SFT adapter) and trains the policy further on them with a fresh DPO trainer; ``max_steps`` and
+    ``pair_prompts`` are per round. ``round_reference``: every round's frozen reference is the SFT adapter ('sft'),
+    or the policy as it was at the end of the previous round ('previous'; round 1: the SFT adapter)."""
 
     pairs: Literal["onpolicy", "dataset"] = "onpolicy"
     pair_prompts: int = 2000
     pair_samples: int = 4
     pair_reward: str | list[dict] | dict = "ground_truth"
     pair_max_new_tokens: int = 64
+    rounds: int = 1
+    round_reference: Literal["sft", "previous"] = "sft"
 
     def __post_init__(self) -> None:
-        for key, low in (("pair_prompts", 1), ("pair_samples", 2), ("pair_max_new_tokens", 1)):
+        for key, low in (("pair_prompts", 1), ("pair_samples", 2), ("pair_max_new_tokens", 1), ("rounds", 1)):
             if getattr(self, key) < low:
                 why = " (the best and the worst of them make a pair)" if key == "pair_samples" else ""
                 raise ConfigError(f"trainer.dpo.{key}", getattr(self, key), f"an integer >= {low}{why}")
+        if self.rounds > 1 and self.pairs != "onpolicy":
+            raise ConfigError("trainer.dpo.rounds", self.rounds,
+                              f"1 with trainer.dpo.pairs={self.pairs} (each round samples fresh pairs from the "
+                              "current policy; rounds over a fixed dataset would only repeat it: raise "
+                              "trainer.dpo.max_steps instead), or trainer.dpo.pairs=onpolicy")
 
 
 @dataclass(frozen=True)
@@ -611,7 +623,8 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
         st = as_dict(cfg.trainer[stage])
         loop = {k: v for k, v in st["loop"].items() if k not in ("progress", "seed", "deepspeed")}
         method = {k: v for k, v in st["method"].items() if k not in ROLE_FIELDS}
-        out[f"trainer.{stage}"] = {**loop, **method, **st["extras"], "optimizer": st["optimizer"]}
+        out[f"trainer.{stage}"] = {**loop, **method, **_identity_extras(stage, st["extras"]),
+                                   "optimizer": st["optimizer"]}
         out["adapter"] = cfg.adapter_settings(stage)
         if stage in TRAINING_STAGES:  # the DeepSpeed back-end and its ranks shape the training
             out["deepspeed"] = cfg.deepspeed.config
@@ -626,3 +639,11 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
         out["eval"] = as_dict(cfg.eval)
     return out
 
+
+def _identity_extras(stage: str, extras: dict) -> dict:
+    """The stage's own keys that shape its result. A one-round DPO stage leaves out ``rounds`` and
+    ``round_reference`` (which then change nothing), so its identity stays the one it had before iterative DPO
+    existed: finished single-round runs and stage caches are still recognised."""
+    if stage == "dpo" and extras.get("rounds") == 1:
+        return {k: v for k, v in extras.items() if k not in ("rounds", "round_reference")}
+    return extras
