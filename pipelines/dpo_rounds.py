@@ -115,8 +115,8 @@ def _train_round(ctx: StageContext, number: int, tracker) -> None:
                                 RoundTracker(tracker, number, st.loop.max_steps),
                                 adapter_config=ctx.adapter_config())
     last = trainer.fit()
-    result = {"round": number, "sampled_from": _name(ctx, number, sample_from),
-              "reference": _name(ctx, number, method.reference), "train_pairs": len(train),
+    result = {"round": number, "sampled_from": _name(number, sample_from),
+              "reference": _name(number, method.reference), "train_pairs": len(train),
               **({"pairs_seconds": pairs_seconds} if pairs_seconds is not None else {}),
               **{k: v for k, v in last.items() if k.startswith("eval/") or k == "train/loss"},
               "seconds": round(time.perf_counter() - start, 1)}
@@ -125,7 +125,7 @@ def _train_round(ctx: StageContext, number: int, tracker) -> None:
     ctx.save_adapter_atomic(model, method.policy, subdir=f"{directory.name}/adapter")  # last: the round is done
 
 
-def _name(ctx: StageContext, number: int, adapter: str | None) -> str:
+def _name(number: int, adapter: str | None) -> str:
     """What a round's adapter role was, in words for result.json: 'sft', 'base' or 'round-<r>'."""
     if adapter is None:
         return "base"
