@@ -13,7 +13,6 @@ workload. RSS counts allocator slack and freed-but-kept pages, so it is an upper
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import tempfile
@@ -34,6 +33,7 @@ from align.models.memory import (
     activation_parts,
     adapter_params,
     predict,
+    saved_tensor_bytes,
 )
 from align.trainers.sft import build_sft_trainer
 
@@ -49,25 +49,6 @@ def status_kib(field: str) -> int:
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-
-
-@contextlib.contextmanager
-def saved_tensor_bytes(model):
-    """Yields a dict whose 'bytes' is, after the block, the size of the distinct tensors autograd saved for backward
-    inside it (parameters excluded)."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-    out = {"bytes": 0}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield out
-    out["bytes"] = sum(seen.values())
 
 
 def main() -> None:
@@ -102,7 +83,7 @@ def main() -> None:
         gc.collect()
         start = status_kib("VmRSS") * 1024
         reset_peak()
-        with saved_tensor_bytes(model) as saved:  # what autograd keeps in the first step's forward
+        with saved_tensor_bytes(model.parameters()) as saved:  # what autograd keeps in the first step's forward
             trainer.train_step()
         for _ in range(args.steps - 1):
             trainer.train_step()

@@ -40,6 +40,7 @@ bf16 off, so params, master and states are fp32):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -523,3 +524,24 @@ def _zero3(zero: Zero, shape: ModelShape, adapters: list[Param], trained: int,
     if zero.offload_optimizer:  # the fp32 master is a copy on the host, with the moments and grad partition
         return base, adapter_bytes, bucket, 0, host + 16 * part
     return base, adapter_bytes, 4 * part + bucket, 8 * part, host  # the fp32 partition is the master
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(params):
+    """Measure what the prediction's activation rule predicts: yields a dict whose 'bytes' is, after the block, the
+    size of the distinct storages autograd saved for backward inside it, ``params``' own storages excluded."""
+    import torch
+
+    own = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+    out = {"bytes": 0}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+    out["bytes"] = sum(seen.values())

@@ -35,6 +35,7 @@ from align.models.memory import (
     optimizer_state_bytes,
     param_bytes,
     predict,
+    saved_tensor_bytes,
 )
 from align.models.memory_plan import (
     embedded_shape,
@@ -243,18 +244,9 @@ def test_lora_count_on_gpt2_with_lora_only_biases():
 
 def _saved_bytes(model, params, forward) -> int:
     """Bytes of the distinct tensors autograd saves for backward during ``forward()`` (parameters excluded)."""
-    own = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_tensor_bytes(params) as saved:
         forward()
-    return sum(seen.values())
+    return saved["bytes"]
 
 
 def _batch(padded: bool) -> dict:
