@@ -182,20 +182,44 @@ def pareto_front(points: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]
     return front
 
 
+def series_fronts(points: Iterable[Mapping[str, Any]]) -> dict[Any, list[Mapping[str, Any]]]:
+    """Each series' own Pareto front (``series`` of a point; None for points without one), in first-seen order."""
+    points = [p for p in points if _finite(p.get("kl")) and _finite(p.get("reward"))]
+    names = dict.fromkeys(p.get("series") for p in points)
+    return {name: pareto_front([p for p in points if p.get("series") == name]) for name in names}
+
+
 def plot_frontier(points: list[dict], path: str | Path, *, ylabel: str = "mean reward",
                   title: str = "reward vs KL to reference") -> Path:
-    """A reward–KL scatter for a sweep, one labelled dot per ``{"label", "kl", "reward"}``, frontier joined."""
+    """A reward–KL scatter for a sweep, one labelled dot per ``{"label", "kl", "reward"}``, frontier joined.
+
+    Points with a ``series`` (a sweep's arm: DPO, PPO, ...) get one colour and marker per series, each series' own
+    Pareto front joined by a solid line, and a legend; the front over all points is the dashed grey line."""
     path = Path(path)
     points = [p for p in points if _finite(p.get("kl")) and _finite(p.get("reward"))]
-    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    series = list(dict.fromkeys(p.get("series") for p in points))
+    several = series != [None] and bool(points)
+    fig = Figure(figsize=(7.5, 5.5) if several else (6, 4.5), layout="constrained")
     ax = fig.subplots()
     if points:
-        ax.scatter([p["kl"] for p in points], [p["reward"] for p in points], zorder=3)
+        markers = "osD^vP*Xh<>"
+        fronts = series_fronts(points)
+        for number, name in enumerate(series):
+            members = [p for p in points if p.get("series") == name]
+            color = f"C{number % 10}"
+            ax.scatter([p["kl"] for p in members], [p["reward"] for p in members], zorder=3, color=color,
+                       marker=markers[number % len(markers)], label=name if several else None)
+            if several and len(fronts[name]) > 1:
+                ax.plot([p["kl"] for p in fronts[name]], [p["reward"] for p in fronts[name]], "-", color=color,
+                        alpha=0.6)
         for point in points:
             ax.annotate(str(point.get("label", "")), (point["kl"], point["reward"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize="small")
+                        xytext=(4, 4), fontsize="x-small" if several else "small")
         front = pareto_front(points)
-        ax.plot([p["kl"] for p in front], [p["reward"] for p in front], "--", alpha=0.5, label="frontier")
+        ax.plot([p["kl"] for p in front], [p["reward"] for p in front], "--", color="grey", alpha=0.5,
+                label="frontier (all)" if several else "frontier")
+        if several:
+            ax.legend(fontsize="small", loc="best")
     else:
         ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("KL to reference (nats per response)")

@@ -363,8 +363,8 @@ def run_eval(ctx: StageContext) -> StageResult:
     from .manifest import write_json_atomic
 
     write_json_atomic(ctx.dir / "result.json", result)
-    keys = ("win_rate", "policy_score_mean", "reference_score_mean", "kl_to_reference", "pairs_accuracy",
-            "pairs_margin")
+    keys = ("win_rate", "wins", "ties", "losses", "policy_score_mean", "reference_score_mean", "kl_to_reference",
+            "pairs_accuracy", "pairs_margin")
     metrics = {k: result[k] for k in keys if k in result}
     with ctx.tracker() as tracker:
         tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=0)

@@ -21,7 +21,7 @@ class EmbeddedTaskConfig:
     n_preferences: int = 20000
     n_preferences_eval: int = 500
     n_prompts: int = 2000
-    n_eval_prompts: int = 300
+    n_eval_prompts: int = 1000
     bt_temperature: float = 0.1
 
     def __post_init__(self) -> None:

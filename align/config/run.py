@@ -154,7 +154,7 @@ class EvalSpec:
     lengths and samples, and -- as always when held-out pairs exist (``data.preferences_eval``) -- the policy's
     preference accuracy and implicit-reward margin on up to ``pairs`` of them."""
 
-    prompts: int = 300
+    prompts: int = 1000
     max_new_tokens: int = 64
     temperature: float = 1.0
     seed: int = 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
@@ -143,6 +144,46 @@ def test_four_trial_sweep_shares_base_and_sft(tmp_path, env):
     results = (sweep_dir / "results.md").read_text()
     best = max((json.loads((t / "eval" / "result.json").read_text())["win_rate"], t.name) for t in trials)
     assert "Best trial (max win_rate)" in results and best[1] in results.split("Best trial")[1]
+    assert (sweep_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_arm_sweep_puts_several_methods_on_one_frontier(tmp_path, env):
+    """Arms of different pipelines: base and SFT computed once for all, the PPO arm's reward model once for its
+    two trials, every trial's eval point in results.csv and one frontier.png."""
+    import shutil
+
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    (configs / "sweep" / "methods.yaml").write_text(
+        "name: methods\nmetric: policy_score_mean\narms:\n"
+        "  dpo: {pipeline: dpo, parameters: {trainer.dpo.beta: [0.1, 0.5]}, overrides: [trainer.dpo.rounds=2]}\n"
+        "  ppo: {pipeline: ppo, parameters: {trainer.ppo.kl.target: [1.0, 4.0]}}\n"
+        "  grpo: {pipeline: grpo, parameters: {trainer.grpo.kl.coef: [0.05]}}\n")
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "align.sweep", "sweep=methods", f"run.dir={sweep_dir}", *TINY,
+                           "tracking.wandb=off"], cwd=REPO, env={**env, "ALIGN_CONFIG_DIR": str(configs)},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "shared stages: base, sft; arm ppo also shares: rm" in proc.stdout
+    stages = {t.name: manifest(t)["stages"] for t in sorted((sweep_dir / "trials").iterdir())}
+    assert list(stages) == [f"trial-{i:03d}" for i in range(5)]
+    assert [list(s) for s in stages.values()] == [["base", "sft", "dpo", "eval"]] * 2 + \
+        [["base", "sft", "rm", "ppo", "eval"]] * 2 + [["base", "sft", "grpo", "eval"]]
+    for name, trial in stages.items():
+        assert trial["base"]["reused_from"] and trial["sft"]["reused_from"], name
+        assert trial["eval"]["status"] == "done" and trial["eval"]["reused_from"] is None, name
+    assert stages["trial-002"]["rm"]["reused_from"] and stages["trial-003"]["rm"]["reused_from"]
+    assert stages["trial-000"]["dpo"]["config"]["trainer.dpo"]["rounds"] == 2
+    with (sweep_dir / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["arm"] for r in rows] == ["dpo", "dpo", "ppo", "ppo", "grpo"]
+    for row, (name, trial) in zip(rows, stages.items()):
+        result = json.loads((sweep_dir / "trials" / name / "eval" / "result.json").read_text())
+        assert float(row["kl_to_reference"]) == pytest.approx(result["kl_to_reference"], rel=1e-9)
+        assert float(row["policy_score_mean"]) == pytest.approx(result["policy_score_mean"], rel=1e-9)
+        assert int(row["wins"]) + int(row["ties"]) + int(row["losses"]) == result["prompts"] == 16
+    results = (sweep_dir / "results.md").read_text()
+    assert all(f"Best of arm {arm}" in results for arm in ("dpo", "ppo", "grpo"))
     assert (sweep_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

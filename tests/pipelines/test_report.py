@@ -13,6 +13,7 @@ from pipelines.report import (
     pareto_front,
     plot_frontier,
     plot_stage_curves,
+    series_fronts,
     read_series,
     summary_lines,
     write_report,
@@ -203,3 +204,19 @@ def test_plot_frontier(tmp_path):
     assert path == tmp_path / "sweep" / "frontier.png" and _is_png(path)
     assert [p["label"] for p in pareto_front(points[:3])] == ["beta=0.5", "beta=0.1"]  # beta=1.0 is dominated
     assert _is_png(plot_frontier([], tmp_path / "empty.png"))
+
+
+def test_frontier_of_several_methods_has_one_front_per_series(tmp_path):
+    points = [{"series": "dpo", "label": "beta=0.5", "kl": 0.5, "reward": 0.2},
+              {"series": "dpo", "label": "beta=0.1", "kl": 1.0, "reward": 0.3},
+              {"series": "dpo", "label": "beta=0.03", "kl": 2.0, "reward": 0.25},  # dominated within dpo
+              {"series": "ppo", "label": "target=1", "kl": 1.2, "reward": 0.35},
+              {"series": "ppo", "label": "target=4", "kl": 4.0, "reward": 0.5},
+              {"series": "grpo", "label": "coef=0.05", "kl": math.inf, "reward": 0.9}]  # not drawn
+    fronts = series_fronts(points)
+    assert list(fronts) == ["dpo", "ppo"]
+    assert [p["label"] for p in fronts["dpo"]] == ["beta=0.5", "beta=0.1"]
+    assert [p["label"] for p in fronts["ppo"]] == ["target=1", "target=4"]
+    # the front over all methods: ppo's target=1 beats dpo's beta=0.1 at a little more KL, not at less
+    assert [p["label"] for p in pareto_front(points[:5])] == ["beta=0.5", "beta=0.1", "target=1", "target=4"]
+    assert _is_png(plot_frontier(points, tmp_path / "methods.png"))

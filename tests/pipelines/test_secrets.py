@@ -143,7 +143,7 @@ def test_a_sweep_files_overrides_reach_compose_unresolved(secrets, tmp_path, mon
     every file), not when the sweep file is read (which would turn it into a plain value)."""
     import shutil
 
-    from align.sweep import load_sweep, trial_overrides
+    from align.sweep import expand_trials, load_sweep, trial_overrides
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     shutil.copytree(configs, tmp_path / "configs")
@@ -153,6 +153,6 @@ def test_a_sweep_files_overrides_reach_compose_unresolved(secrets, tmp_path, mon
     monkeypatch.setenv("ALIGN_CONFIG_DIR", str(tmp_path / "configs"))
     spec = load_sweep("team", {})
     assert spec.overrides == ["tracking.project=${oc.env:ALIGN_TEST_SECRET_A}"]
-    cfg = compose_run_config(trial_overrides(spec, [], {"trainer.dpo.beta": 0.1}, 0, tmp_path / "sweep"))
+    cfg = compose_run_config(trial_overrides(spec, [], expand_trials(spec)[0], tmp_path / "sweep"))
     assert cfg.tracking.project == SECRET_A
     assert redacted(cfg.raw)["tracking"]["project"] == "<from env: ALIGN_TEST_SECRET_A>"
