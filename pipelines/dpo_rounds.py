@@ -29,7 +29,15 @@ from align.durable import replace_dir_durable
 
 from .context import StageContext, StageResult, barrier, rank
 from .manifest import write_json_atomic
-from .stages import ROUND_SEED_STRIDE, _data, _inputs, dpo_eval_path, dpo_eval_set, sample_onpolicy_pairs
+from .stages import (
+    ROUND_SEED_STRIDE,
+    _data,
+    _inputs,
+    dpo_adapters,
+    dpo_eval_path,
+    dpo_eval_set,
+    sample_onpolicy_pairs,
+)
 
 RESULT = "result.json"
 # a round's numbers that go into the stage's metrics as round-<r>/<key> (result.json keeps them all)
@@ -79,9 +87,10 @@ def run_dpo_rounds(ctx: StageContext) -> StageResult:
 
 
 def _train_round(ctx: StageContext, number: int, tracker) -> None:
-    """One round: the base with the SFT adapter, the policy where the previous round left it (round 1: a copy of
-    the SFT adapter, as in one-round DPO), the round's reference; its pairs sampled from that policy (once); a
-    fresh DPO trainer on them that resumes from the round's checkpoints; the round's metrics, then its adapter."""
+    """One round: the base with the SFT adapter (and, with ``pair_reward=model``, the frozen reward model), the
+    policy where the previous round left it (round 1: a copy of the SFT adapter, as in one-round DPO), the round's
+    reference; its pairs sampled from that policy (once); a fresh DPO trainer on them that resumes from the round's
+    checkpoints; the round's metrics, then its adapter."""
     import torch
 
     from align.data import prepare_preferences
@@ -93,7 +102,7 @@ def _train_round(ctx: StageContext, number: int, tracker) -> None:
     has_sft = ctx.upstream("sft")
     directory = round_dir(ctx, number)
     directory.mkdir(parents=True, exist_ok=True)
-    model, tok = ctx.load_model(("sft",) if has_sft else ())
+    model, tok = ctx.load_model(dpo_adapters(ctx))  # + the frozen reward model with pair_reward=model
     method = st.method if has_sft else replace(st.method, reference=None)
     sample_from = "sft" if has_sft else None  # round 1 samples from what the policy starts as
     if number > 1:

@@ -6,7 +6,8 @@ artifacts atomically. They run inside a Ray task, a Ray Train worker group, or t
     sft   the 'sft' adapter on the base                            -> sft/adapter
     rm    the 'reward' adapter + score head                        -> rm/adapter (+ head)
     dpo   the 'policy' adapter, reference = frozen 'sft'           -> dpo/adapter (+ pairs.jsonl; with rounds:
-                                                                       round-<r>/, dpo_rounds.py)
+          (on-policy pairs ranked by a reward function, or by         round-<r>/, dpo_rounds.py)
+          the frozen 'reward' adapter + head: pair_reward=model)
     ppo / grpo / rloo  the 'policy' (+ 'value') adapters           -> <stage>/adapter (+ value/)
     eval  samples from the policy and its reference, scored        -> eval/result.json
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from align.config import DataConfig
 from align.models.device import device_of
 
-from .context import StageContext, StageResult, barrier, rank
+from .context import ROLE_OF_STAGE, StageContext, StageResult, barrier, rank
 from .manifest import hash_path
 
 ROUND_SEED_STRIDE = 1000  # round r of iterative DPO samples pairs with seed + 11 + 1000 (r - 1)
@@ -176,7 +177,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
 
         return run_dpo_rounds(ctx)
     has_sft = ctx.upstream("sft")
-    model, tok = ctx.load_model(("sft",) if has_sft else ())
+    model, tok = ctx.load_model(dpo_adapters(ctx))
     method = st.method if has_sft else replace(st.method, reference=None)
     metrics: dict = {}
     if st.extras.pairs == "onpolicy":
@@ -205,6 +206,16 @@ def run_dpo(ctx: StageContext) -> StageResult:
     return StageResult(metrics, artifacts, {**inputs, **_inputs(eval_path)})
 
 
+def dpo_adapters(ctx: StageContext) -> tuple[str, ...]:
+    """The finished stages whose adapters the dpo stage (each of its rounds) loads, frozen: 'sft' (the reference and
+    the policy's start) when it runs first, and 'rm' when the reward model ranks the on-policy pairs. The reward
+    adapter is loaded whether or not the pairs still need sampling, so a resumed stage holds the same adapters; it
+    is only ever active inside ``reward_model_scorer`` and never trains (DPO trains the policy adapter alone)."""
+    ex = ctx.cfg.trainer["dpo"].extras
+    ranks_by_model = ex.pairs == "onpolicy" and ex.pair_reward == "model"
+    return tuple(s for s in ("sft", "rm") if ctx.upstream(s) and (s == "sft" or ranks_by_model))
+
+
 def round_prompts(prompts: list, per_round: int, number: int) -> list:
     """Round ``number``'s ``per_round`` prompts: the next slice after the previous rounds' (round 1: the first
     ``per_round``), wrapping around the file, so successive rounds see other prompts while the file lasts."""
@@ -227,10 +238,14 @@ def sample_onpolicy_pairs(ctx: StageContext, model, tok, adapter: str | None, pa
         start = time.perf_counter()
         source = ctx.data_path("prompts", "prompts.jsonl")
         prompts = round_prompts(_prompts(ctx, source, "data.prompts"), ex.pair_prompts, number)
-        reward_fn = _reward(ctx, ex.pair_reward, "trainer.dpo.pair_reward", source, tok)
+        if ex.pair_reward == "model":  # validated: an rm stage runs before dpo, and dpo_adapters loaded it
+            reward_fn, score_ids = None, reward_model_scorer(ctx, model, tok.pad_token_id)
+        else:
+            reward_fn, score_ids = _reward(ctx, ex.pair_reward, "trainer.dpo.pair_reward", source, tok), None
         rows = sample_preference_pairs(model, adapter, tok, prompts, reward_fn, k=ex.pair_samples,
                                        max_new_tokens=ex.pair_max_new_tokens,
-                                       seed=ctx.cfg.run.seed + 11 + ROUND_SEED_STRIDE * (number - 1))
+                                       seed=ctx.cfg.run.seed + 11 + ROUND_SEED_STRIDE * (number - 1),
+                                       score_ids=score_ids)
         if not rows:
             where = f" in round {number}" if ex.rounds > 1 else ""
             raise ValueError(f"trainer.dpo.pair_reward: no preference pair from {len(prompts)} prompts x "
@@ -242,6 +257,37 @@ def sample_onpolicy_pairs(ctx: StageContext, model, tok, adapter: str | None, pa
         seconds = round(time.perf_counter() - start, 1)
     barrier()  # other DeepSpeed ranks wait for rank 0's pairs
     return seconds
+
+
+def reward_model_scorer(ctx: StageContext, model, pad_token_id: int):
+    """``score_ids`` for ``sample_preference_pairs``: the raw rewards (N,) of the rm stage's frozen reward adapter
+    (loaded by ``dpo_adapters``) + score head for sequences ``prompt_ids[i] + response_ids[i]`` (the response through
+    its EOS), laid out right-padded as the RL stages lay out and score their rollouts; in eval mode, without
+    gradients, ``trainer.rm.eval_batch_size`` sequences at a time. The model's train/eval mode is restored."""
+    import torch
+
+    from align.models.heads import ScalarHead
+    from align.trainers.reward_model import sequence_rewards
+    from align.trainers.rollout import layout
+
+    head = ScalarHead.load(ctx.manifest.artifact("rm", "adapter")).to(device_of(model))
+    adapter, batch_size = ROLE_OF_STAGE["rm"], ctx.cfg.trainer["rm"].method.eval_batch_size
+
+    @torch.no_grad()
+    def score_ids(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            scores = []
+            for start in range(0, len(prompt_ids), batch_size):
+                prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+                rows = layout(prompts, responses, pad_token_id, torch.ones(len(prompts), dtype=torch.bool))
+                scores.append(sequence_rewards(model, head, rows.batch(), adapter).float().cpu())
+            return torch.cat(scores) if scores else torch.zeros(0)
+        finally:
+            model.train(was_training)
+
+    return score_ids
 
 
 def dpo_eval_path(ctx: StageContext) -> str | None:

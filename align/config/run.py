@@ -178,8 +178,8 @@ class RMExtras:
 @dataclass(frozen=True)
 class DPOExtras:
     """``pairs``: 'onpolicy' samples ``pair_samples`` responses per prompt from the SFT policy and keeps the best
-    and worst under ``pair_reward`` (a reward function) as chosen/rejected (the DPO paper's protocol);
-    'dataset' trains on ``data.preferences``.
+    and worst under ``pair_reward`` (a reward function, or 'model': the rm stage's reward model, which must run
+    before dpo) as chosen/rejected (the DPO paper's protocol); 'dataset' trains on ``data.preferences``.
 
     ``rounds`` > 1: iterative (online) DPO. Each round samples fresh on-policy pairs from the current policy (round
     1: the SFT adapter) and trains the policy further on them with a fresh DPO trainer; ``max_steps`` and
@@ -592,9 +592,11 @@ def _check_rewards(cfg: RunConfig, stages: tuple[str, ...]) -> None:
         if spec == "none" and key == "eval.reward":  # held-out pairs, KL and samples without scores
             continue
         if spec == "model":
-            if key == "trainer.dpo.pair_reward":
-                raise ConfigError(key, spec, "a reward function (on-policy pairs are ranked by a function); "
-                                  "or trainer.dpo.pairs=dataset")
+            if key == "trainer.dpo.pair_reward" and not ("rm" in stages and stages.index("rm") < stages.index("dpo")):
+                raise ConfigError(key, spec, "a reward function (ground_truth, length, path/to/file.py:function, "
+                                  "...), or 'model' with an 'rm' stage before 'dpo' in pipeline.stages to rank the "
+                                  "on-policy pairs with the reward model (e.g. 'pipeline.stages=[base,sft,rm,dpo,"
+                                  "eval]')")
             if "rm" not in stages:
                 raise ConfigError(key, spec, "a reward function, or 'model' with an 'rm' stage in pipeline.stages")
             continue

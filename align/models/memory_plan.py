@@ -54,7 +54,8 @@ def run_shape(cfg) -> ModelShape:
 
 def stage_roles(cfg, stage: str) -> list[Role]:
     """The adapters a stage holds, as ``pipelines/stages.py`` loads and creates them: the policy (and the reward
-    model with ``init=sft``, the value model with ``value_init=reward``) starts as a copy of the adapter before it."""
+    model with ``init=sft``, the value model with ``value_init=reward``) starts as a copy of the adapter before it;
+    DPO holds the frozen reward model when it ranks the on-policy pairs (``pair_reward=model``)."""
     stages, settings = cfg.pipeline.stages, cfg.adapter_settings
 
     def before(name: str) -> bool:
@@ -70,10 +71,11 @@ def stage_roles(cfg, stage: str) -> list[Role]:
     has_sft = before("sft")
     roles = [Role("sft", settings("sft"), False)] if has_sft else []
     policy = Role("policy", settings("sft") if has_sft else settings(stage), True)
-    if stage == "dpo":
-        return [*roles, policy]
     st = cfg.trainer[stage]
     reward = settings("sft") if rm_from_sft else settings("rm")
+    if stage == "dpo":  # the reward model ranks the on-policy pairs with pair_reward=model: loaded, frozen
+        ranks_by_model = st.extras.pairs == "onpolicy" and st.extras.pair_reward == "model" and before("rm")
+        return [*roles, *([Role("reward", reward, False, "score")] if ranks_by_model else []), policy]
     if st.extras.reward == "model" and before("rm"):
         roles.append(Role("reward", reward, False, "score"))
     roles.append(policy)

@@ -324,6 +324,9 @@ def test_stage_roles_follow_what_the_stages_load():
     assert [(r.name, r.trainable) for r in stage_roles(cfg, "rm")] == [("reward", True)]
     dpo = compose_run_config([])
     assert [(r.name, r.trainable) for r in stage_roles(dpo, "dpo")] == [("sft", False), ("policy", True)]
+    ranked = compose_run_config(["pipeline.stages=[base,sft,rm,dpo,eval]", "trainer.dpo.pair_reward=model"])
+    assert [(r.name, r.trainable, r.head) for r in stage_roles(ranked, "dpo")] == [
+        ("sft", False, None), ("reward", False, "score"), ("policy", True, None)]
     assert stage_workload(dpo, "dpo").rows == 2 * 16  # chosen and rejected of 16 pairs in one forward
 
 
