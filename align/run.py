@@ -43,11 +43,13 @@ def describe_batches(cfg) -> list[str]:
             continue
         unit = {"sft": "rows", "rm": "pairs", "dpo": "pairs"}[stage]
         per_step = workers * loop.micro_batch_size * loop.grad_accum_steps
-        rounds = st.extras.rounds if stage == "dpo" else 1
+        rounds = st.extras.rounds if stage == "dpo" and st.extras.pairs == "onpolicy" else 1
         lines.append(f"{stage}: {loop.max_steps} steps x {per_step} {unit} per step ({workers} worker(s) x "
                      f"{loop.grad_accum_steps} micro-batch(es) x {loop.micro_batch_size} {unit}) = "
                      f"{loop.max_steps * per_step} {unit}"
                      + (f" per round, x {rounds} rounds = {rounds * loop.max_steps * per_step} {unit}"
+                        + (f" at most (fewer within the KL budget of {st.extras.kl_budget} nats)"
+                           if st.extras.kl_budget is not None else "")
                         if rounds > 1 else ""))
     return lines
 

@@ -307,15 +307,27 @@ def _rounds_section(manifest: Manifest) -> list[str]:
                 rounds.setdefault(int(match[1]), {})[match[2]] = value
         if not rounds:
             continue
+        metrics = record.get("metrics") or {}
+        with_kl = any("kl_to_sft" in m for m in rounds.values())
         lines += [f"## {stage} rounds", "",
                   "Held-out accuracy and margin: the implicit reward beta*log(pi/pi_ref) against each round's own "
-                  "reference.", "",
-                  "| round | pairs | held-out accuracy | margin | eval loss | train loss | seconds |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "reference." + (" KL to SFT: nats per response on samples of the round's policy (measured "
+                                  "before the next round, for the KL budget)." if with_kl else ""), "",
+                  "| round | pairs | held-out accuracy | margin | eval loss | train loss | seconds |"
+                  + (" KL to SFT |" if with_kl else ""),
+                  "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_kl else "")]
         for number, m in sorted(rounds.items()):
+            if "train_pairs" not in m and "seconds" not in m:
+                continue  # only measured (a KL), never trained
             lines.append(f"| {number} | {_num(m.get('train_pairs'))} | {_percent(m.get('eval/rewards/accuracy'))} | "
                          f"{_fixed(m.get('eval/rewards/margin'))} | {_fixed(m.get('eval/loss'))} | "
-                         f"{_fixed(m.get('train/loss'))} | {_fixed(m.get('seconds'), 1)} |")
+                         f"{_fixed(m.get('train/loss'))} | {_fixed(m.get('seconds'), 1)} |"
+                         + (f" {_fixed(m.get('kl_to_sft'))} |" if with_kl else ""))
+        trained, planned = metrics.get("rounds_trained"), metrics.get("rounds")
+        if _finite(trained) and _finite(planned) and trained < planned:
+            lines += ["", f"Stopped after round {_num(trained)} of {_num(planned)}: the KL to SFT plus the last "
+                          f"round's increase ({_fixed(metrics.get('kl_projected'))} nats) would pass the KL budget "
+                          f"of {_num(metrics.get('kl_budget'))} nats."]
         lines.append("")
     return lines
 

@@ -172,7 +172,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
     from align.trainers.dpo import build_dpo_trainer
 
     st = ctx.cfg.trainer["dpo"]
-    if st.extras.rounds > 1:  # iterative DPO: its own layout under dpo/round-<r>/
+    if st.extras.rounds > 1 and st.extras.pairs == "onpolicy":  # iterative DPO: its layout under dpo/round-<r>/
         from .dpo_rounds import run_dpo_rounds
 
         return run_dpo_rounds(ctx)
@@ -348,7 +348,6 @@ def run_eval(ctx: StageContext) -> StageResult:
     import torch
 
     from align.config.rl import RolloutConfig
-    from align.models.forward import response_token_logps
     from align.models.generate import encode_prompts, prompt_text
     from align.trainers.reward_model import sequence_rewards
     from align.trainers.rollout import generate_rollout
@@ -389,12 +388,8 @@ def run_eval(ctx: StageContext) -> StageResult:
                                     for i in range(0, len(rollout), 64)]).float()
             elif reward_fn is not None:
                 scores = reward_fn(rollout.prompts, rollout.responses)
-            with model.use(adapter):
-                logps, mask = response_token_logps(model, batch)
-            with model.use(reference):
-                ref_logps, _ = response_token_logps(model, batch)
             results[name] = {"scores": scores, "responses": rollout.responses,
-                             "kl": ((logps - ref_logps) * mask).sum(1).mean().item(),
+                             "kl": response_kl(model, batch, adapter, reference).mean().item(),
                              "length": rollout.response_lengths.float().mean().item()}
         pairs = _heldout_pairs(ctx, model, tok, policy_adapter, reference)
     p, r = results["policy"], results["reference"]
@@ -415,6 +410,40 @@ def run_eval(ctx: StageContext) -> StageResult:
     with ctx.tracker() as tracker:
         tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=0)
     return StageResult(metrics, {"result": ctx.rel(ctx.dir / "result.json")}, _inputs(path, pairs.get("pairs_file")))
+
+
+def response_kl(model, batch: dict, adapter: str | None, reference: str | None):
+    """Per response (N,): sum over its tokens of log pi_adapter - log pi_reference, the k1 estimate of
+    KL(adapter || reference) in nats per response when the responses were sampled from ``adapter``."""
+    from align.models.forward import response_token_logps
+
+    with model.use(adapter):
+        logps, mask = response_token_logps(model, batch)
+    with model.use(reference):
+        ref_logps, _ = response_token_logps(model, batch)
+    return ((logps - ref_logps) * mask).sum(1)
+
+
+def sampled_kl(model, tok, adapter: str | None, reference: str | None, prompts: list, max_new_tokens: int,
+               seed: int) -> float:
+    """KL(adapter || reference) in nats per response, estimated as the eval stage does: one sample per prompt from
+    ``adapter`` (temperature 1, seeded), the mean of ``response_kl`` over them."""
+    import torch
+
+    from align.config.rl import RolloutConfig
+    from align.models.generate import encode_prompts
+    from align.trainers.rollout import generate_rollout
+
+    cfg = RolloutConfig(max_new_tokens=max_new_tokens, temperature=1.0, generation_batch_size=64)
+    was_training = model.training
+    model.eval()  # no adapter dropout in the log-probs
+    try:
+        with torch.no_grad():
+            rollout = generate_rollout(model, adapter, encode_prompts(tok, prompts), cfg, tok.eos_token_id,
+                                       tok.pad_token_id, seed=seed)
+            return response_kl(model, rollout.batch(), adapter, reference).mean().item()
+    finally:
+        model.train(was_training)
 
 
 def _score_summary(policy, reference) -> dict:

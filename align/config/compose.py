@@ -219,4 +219,12 @@ def compose_mapping(overrides: list[str] | tuple[str, ...] = ()) -> ComposedConf
 
 def compose_run_config(overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Compose, then type and validate: the whole config check, before anything heavy starts."""
-    return load_run_config(compose_mapping(overrides))
+    cfg = load_run_config(compose_mapping(overrides))
+    dpo = cfg.trainer["dpo"].extras
+    asked = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "trainer.dpo.rounds"]
+    if dpo.pairs == "dataset" and dpo.rounds > 1 and asked:  # the default's rounds are for on-policy pairs
+        raise ConfigError("trainer.dpo.rounds", dpo.rounds,
+                          "1 with trainer.dpo.pairs=dataset (each round samples fresh pairs from the current "
+                          "policy; rounds over a fixed dataset would only repeat it: raise trainer.dpo.max_steps "
+                          "instead), or trainer.dpo.pairs=onpolicy")
+    return cfg

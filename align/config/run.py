@@ -18,7 +18,7 @@ from .build import UnknownKeyError, as_dict, build, convert, suggest, unknown_ke
 from .data import DataConfig
 from .embedded import EmbeddedBaseConfig, EmbeddedTaskConfig
 from .errors import ConfigError
-from .methods import DPOConfig, RewardConfig, SFTConfig
+from .methods import DPOConfig, RewardConfig, SFTConfig, _finite
 from .rl import RLConfig
 from .trainer import LoopConfig, OptimizerConfig
 
@@ -183,8 +183,14 @@ class DPOExtras:
 
     ``rounds`` > 1: iterative (online) DPO. Each round samples fresh on-policy pairs from the current policy (round
     1: the SFT adapter) and trains the policy further on them with a fresh DPO trainer; ``max_steps`` and
-    ``pair_prompts`` are per round. ``round_reference``: every round's frozen reference is the SFT adapter ('sft'),
-    or the policy as it was at the end of the previous round ('previous'; round 1: the SFT adapter)."""
+    ``pair_prompts`` are per round. Rounds (and ``round_reference``, ``kl_budget``) are for on-policy pairs: with
+    ``pairs=dataset`` the stage is one pass of ``max_steps`` over ``data.preferences`` (an explicit
+    ``trainer.dpo.rounds`` > 1 there is refused by ``compose_run_config``). ``round_reference``: every round's frozen reference is the SFT adapter ('sft'),
+    or the policy as it was at the end of the previous round ('previous'; round 1: the SFT adapter).
+
+    ``kl_budget`` (nats per response, null = off; rounds > 1): before each round after the first, the policy's KL to
+    the SFT policy is measured on samples (``pipelines.dpo_rounds``); the round runs only if that KL plus the last
+    round's increase stays within the budget, so the stage ends near the budget whatever the seed moves."""
 
     pairs: Literal["onpolicy", "dataset"] = "onpolicy"
     pair_prompts: int = 2000
@@ -193,17 +199,16 @@ class DPOExtras:
     pair_max_new_tokens: int = 64
     rounds: int = 1
     round_reference: Literal["sft", "previous"] = "sft"
+    kl_budget: float | None = None
 
     def __post_init__(self) -> None:
         for key, low in (("pair_prompts", 1), ("pair_samples", 2), ("pair_max_new_tokens", 1), ("rounds", 1)):
             if getattr(self, key) < low:
                 why = " (the best and the worst of them make a pair)" if key == "pair_samples" else ""
                 raise ConfigError(f"trainer.dpo.{key}", getattr(self, key), f"an integer >= {low}{why}")
-        if self.rounds > 1 and self.pairs != "onpolicy":
-            raise ConfigError("trainer.dpo.rounds", self.rounds,
-                              f"1 with trainer.dpo.pairs={self.pairs} (each round samples fresh pairs from the "
-                              "current policy; rounds over a fixed dataset would only repeat it: raise "
-                              "trainer.dpo.max_steps instead), or trainer.dpo.pairs=onpolicy")
+        if self.kl_budget is not None and not (_finite(self.kl_budget) and self.kl_budget > 0):
+            raise ConfigError("trainer.dpo.kl_budget", self.kl_budget,
+                              "a finite number > 0 (nats per response), or null for no budget")
 
 
 @dataclass(frozen=True)
@@ -643,9 +648,11 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
 
 
 def _identity_extras(stage: str, extras: dict) -> dict:
-    """The stage's own keys that shape its result. A one-round DPO stage leaves out ``rounds`` and
-    ``round_reference`` (which then change nothing), so its identity stays the one it had before iterative DPO
+    """The stage's own keys that shape its result. A one-round DPO stage (``rounds=1``, or any DPO on a dataset's
+    pairs) leaves out ``rounds``, ``round_reference`` and ``kl_budget`` (which then change nothing), so its identity stays the one it had before iterative DPO
     existed: finished single-round runs and stage caches are still recognised."""
-    if stage == "dpo" and extras.get("rounds") == 1:
-        return {k: v for k, v in extras.items() if k not in ("rounds", "round_reference")}
+    if stage == "dpo" and (extras.get("rounds") == 1 or extras.get("pairs") == "dataset"):
+        return {k: v for k, v in extras.items() if k not in ("rounds", "round_reference", "kl_budget")}
+    if stage == "dpo" and extras.get("kl_budget") is None:  # as before the budget existed
+        return {k: v for k, v in extras.items() if k != "kl_budget"}
     return extras

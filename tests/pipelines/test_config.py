@@ -45,8 +45,9 @@ def test_default_compose_is_the_dpo_pipeline_with_the_trainer_defaults():
     assert rm.optimizer.lr == 1.0e-3 and rm.extras.init == "fresh"
     dpo = cfg.trainer["dpo"]
     assert (dpo.method.beta, dpo.method.loss, dpo.method.rpo_alpha) == (0.1, "sigmoid", 1.0)
-    assert (dpo.extras.pairs, dpo.extras.pair_prompts, dpo.extras.pair_samples) == ("onpolicy", 2000, 4)
-    assert dpo.loop.max_steps == 400 and dpo.optimizer.lr == 1.0e-3 and dpo.optimizer.warmup_steps == 10
+    assert (dpo.extras.pairs, dpo.extras.pair_prompts, dpo.extras.pair_samples) == ("onpolicy", 1000, 4)
+    assert (dpo.extras.rounds, dpo.extras.round_reference, dpo.extras.kl_budget) == (4, "sft", 2.0)
+    assert dpo.loop.max_steps == 75 and dpo.optimizer.lr == 1.0e-3 and dpo.optimizer.warmup_steps == 10
     ppo = cfg.trainer["ppo"]
     assert ppo.loop.max_steps == 150 and ppo.optimizer.schedule == "constant" and ppo.extras.reward == "model"
     assert (ppo.method.kl.coef, ppo.method.kl.adaptive, ppo.method.kl.target, ppo.method.kl.horizon) == (
@@ -205,13 +206,22 @@ def test_parse_args_rejects_flags_and_bare_words():
         parse_args(["beta"])
 
 
+def capture(capsys, *overrides: str) -> str:
+    assert main(["--cfg", "job", "trainer.dpo.max_steps=10", "trainer.dpo.micro_batch_size=4",
+                 "trainer.dpo.grad_accum_steps=2", *overrides]) == 0
+    return capsys.readouterr().out
+
+
 def test_cfg_job_prints_the_dpo_batch_arithmetic(capsys):
     rc = main(["--cfg", "job", "trainer.dpo.max_steps=10", "trainer.dpo.micro_batch_size=4",
                "trainer.dpo.grad_accum_steps=2"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "#   sft: 300 steps x 16 rows per step (1 worker(s) x 1 micro-batch(es) x 16 rows) = 4800 rows\n" in out
-    assert "#   dpo: 10 steps x 8 pairs per step (1 worker(s) x 2 micro-batch(es) x 4 pairs) = 80 pairs\n" in out
+    assert ("#   dpo: 10 steps x 8 pairs per step (1 worker(s) x 2 micro-batch(es) x 4 pairs) = 80 pairs per round, "
+            "x 4 rounds = 320 pairs at most (fewer within the KL budget of 2.0 nats)\n") in out
+    assert "dpo: 10 steps x 8 pairs per step (1 worker(s) x 2 micro-batch(es) x 4 pairs) = 80 pairs\n" in \
+        capture(capsys, "trainer.dpo.rounds=1")
     assert "# run directory: runs/dpo" in out
     assert "beta: 0.1" in out  # the resolved YAML comes first
 
@@ -220,7 +230,7 @@ def test_cfg_job_counts_deepspeed_workers(capsys):
     rc = main(["--cfg", "job", "deepspeed=zero2", "resources.num_workers=2", "trainer.dpo.max_steps=10",
                "trainer.dpo.micro_batch_size=4", "trainer.dpo.grad_accum_steps=2"])
     assert rc == 0
-    assert "dpo: 10 steps x 16 pairs per step (2 worker(s) x 2 micro-batch(es) x 4 pairs) = 160 pairs" in (
+    assert "dpo: 10 steps x 16 pairs per step (2 worker(s) x 2 micro-batch(es) x 4 pairs) = 160 pairs per round" in (
         capsys.readouterr().out)
 
 

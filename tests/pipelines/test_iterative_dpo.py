@@ -30,7 +30,7 @@ from .tiny import TINY as TINY_OVERRIDES
 
 TINY = [*TINY_OVERRIDES, "tracking.wandb=off", "ray.enabled=false", "adapter.lora_dropout=0.1"]
 ROUNDS = ["pipeline.stages=[base,sft,dpo]", "trainer.dpo.rounds=2", "trainer.dpo.pair_prompts=16",
-          "trainer.dpo.max_steps=4", "trainer.dpo.save_every=2"]
+          "trainer.dpo.max_steps=4", "trainer.dpo.save_every=2", "trainer.dpo.kl_budget=null"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -273,14 +273,88 @@ def test_round_reference_takes_sft_or_previous():
     extras = compose_run_config(["trainer.dpo.rounds=3", "trainer.dpo.round_reference=previous"]).trainer["dpo"].extras
     assert (extras.rounds, extras.round_reference) == (3, "previous")
     defaults = compose_run_config([]).trainer["dpo"].extras
-    assert (defaults.rounds, defaults.round_reference) == (1, "sft")
+    assert (defaults.rounds, defaults.round_reference, defaults.kl_budget) == (4, "sft", 2.0)
 
 
 def test_one_round_keeps_the_stage_identity_it_had_before_rounds():
     """A finished one-round dpo stage (or a stage cache entry) is still recognised: the identity leaves out the
     round keys while rounds=1, whatever round_reference says; more rounds are another stage."""
-    default = stage_config(compose_run_config([]), "dpo")
-    assert not {"rounds", "round_reference"} & set(default["trainer.dpo"])
-    assert stage_config(compose_run_config(["trainer.dpo.round_reference=previous"]), "dpo") == default
+    one = stage_config(compose_run_config(["trainer.dpo.rounds=1"]), "dpo")
+    assert not {"rounds", "round_reference", "kl_budget"} & set(one["trainer.dpo"])
+    assert stage_config(compose_run_config(["trainer.dpo.rounds=1", "trainer.dpo.round_reference=previous",
+                                            "trainer.dpo.kl_budget=null"]), "dpo") == one
     two = stage_config(compose_run_config(["trainer.dpo.rounds=2"]), "dpo")
     assert two["trainer.dpo"]["rounds"] == 2 and two["trainer.dpo"]["round_reference"] == "sft"
+
+
+# ------------------------------------------------------------------------------------------------ KL budget
+def test_the_projection_adds_the_last_rounds_increase():
+    from pipelines.dpo_rounds import projected_kl
+
+    assert projected_kl([0.0, 0.5]) == 1.0  # round 1 moved 0.5: round 2 is expected to end near 1.0
+    assert projected_kl([0.0, 0.5, 1.2]) == pytest.approx(1.9)
+    assert projected_kl([0.0, 0.5, 0.4]) == 0.4  # a round that lowered the KL is not projected to lower it again
+
+
+def test_the_kl_of_the_sft_policy_to_itself_is_zero(tmp_path):
+    from pipelines.context import StageContext
+    from pipelines.stages import sampled_kl
+
+    run_dir = tmp_path / "run"
+    _run(run_dir, "pipeline.stages=[base,sft]")
+    ctx = StageContext("dpo", compose_run_config([*TINY, f"run.dir={run_dir}"]), run_dir, Manifest.load(run_dir))
+    model, tok = ctx.load_model(("sft",))
+    prompts = ["review of the film", "the acting was"]
+    assert sampled_kl(model, tok, "sft", "sft", prompts, 12, seed=3) == 0.0
+    assert sampled_kl(model, tok, "sft", None, prompts, 12, seed=3) != 0.0  # the SFT adapter moved the base
+
+
+def test_a_kl_budget_stops_the_rounds_and_a_rerun_makes_the_same_decision(tmp_path):
+    tight, loose = tmp_path / "tight", tmp_path / "loose"
+    three = [*ROUNDS, "trainer.dpo.rounds=3"]
+    manifest = _run(loose, *three, "trainer.dpo.kl_budget=1e6")
+    metrics = manifest.stages["dpo"]["metrics"]
+    kl = [json.loads((loose / "dpo" / f"round-{r}" / "kl.json").read_text())["kl_to_sft"] for r in (1, 2)]
+    assert metrics["rounds_trained"] == 3 and [metrics["round-1/kl_to_sft"], metrics["round-2/kl_to_sft"]] == kl
+    assert all(k > 0 for k in kl) and not (loose / "dpo" / "round-3" / "kl.json").exists()  # nothing after it
+
+    # a budget below twice round 1's KL: round 1 runs (nothing is measured before it), round 2 would pass it
+    manifest = _run(tight, *three, f"trainer.dpo.kl_budget={1.5 * kl[0]}")
+    metrics = manifest.stages["dpo"]["metrics"]
+    assert metrics["rounds_trained"] == 1 and metrics["kl_projected"] == pytest.approx(2 * kl[0])
+    assert json.loads((tight / "dpo" / "round-1" / "kl.json").read_text())["kl_to_sft"] == kl[0]  # same round 1
+    assert not (tight / "dpo" / "round-2").exists()
+    assert same(saved(tight / "dpo" / "adapter"), saved(tight / "dpo" / "round-1" / "adapter"))
+    assert same(saved(tight / "dpo" / "adapter"), saved(loose / "dpo" / "round-1" / "adapter"))
+    assert "Stopped after round 1 of 3" in (tight / "report.md").read_text()
+
+    # room for round 2 (twice round 1's KL) but not for round 3 (round 2's KL plus its increase)
+    before_2, before_3 = 2 * kl[0], kl[1] + max(kl[1] - kl[0], 0.0)
+    assert before_3 > before_2  # round 2 moved the policy further than round 1 did
+    middle = tmp_path / "middle"
+    kept = _run(middle, *three, f"trainer.dpo.kl_budget={(before_2 + before_3) / 2}").stages["dpo"]["metrics"]
+    assert kept["rounds_trained"] == 2 and kept["kl_projected"] == pytest.approx(before_3)
+    assert not (middle / "dpo" / "round-3").exists()
+    assert same(saved(middle / "dpo" / "adapter"), saved(loose / "dpo" / "round-2" / "adapter"))
+
+    # the stage run again over its own files (as a resumed attempt): the kept KL decides, nothing is measured again
+    from pipelines.context import StageContext
+    from pipelines.dpo_rounds import run_dpo_rounds
+
+    stamp = (tight / "dpo" / "round-1" / "kl.json").stat().st_mtime_ns
+    shutil.rmtree(tight / "dpo" / "adapter")
+    cfg = compose_run_config([*TINY, f"run.dir={tight}", *three, f"trainer.dpo.kl_budget={1.5 * kl[0]}"])
+    again = run_dpo_rounds(StageContext("dpo", cfg, tight, Manifest.load(tight)))
+    assert again.metrics["rounds_trained"] == 1 and again.metrics["kl_projected"] == metrics["kl_projected"]
+    assert (tight / "dpo" / "round-1" / "kl.json").stat().st_mtime_ns == stamp
+    assert same(saved(tight / "dpo" / "adapter"), saved(tight / "dpo" / "round-1" / "adapter"))
+
+
+def test_a_kl_budget_is_part_of_the_stage_identity_only_when_set():
+    without = stage_config(compose_run_config(["trainer.dpo.rounds=2", "trainer.dpo.kl_budget=null"]), "dpo")
+    assert "kl_budget" not in without["trainer.dpo"]
+    assert stage_config(compose_run_config(["trainer.dpo.rounds=2", "trainer.dpo.kl_budget=2"]),
+                        "dpo")["trainer.dpo"]["kl_budget"] == 2.0
+    with pytest.raises(ConfigError) as info:
+        compose_run_config(["trainer.dpo.kl_budget=0"])
+    assert info.value.key == "trainer.dpo.kl_budget" and "> 0" in str(info.value)

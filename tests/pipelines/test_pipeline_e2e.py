@@ -156,7 +156,7 @@ def test_an_arm_sweep_puts_several_methods_on_one_frontier(tmp_path, env):
     shutil.copytree(REPO / "configs", configs)
     (configs / "sweep" / "methods.yaml").write_text(
         "name: methods\nmetric: policy_score_mean\narms:\n"
-        "  dpo: {pipeline: dpo, parameters: {trainer.dpo.beta: [0.1, 0.5]}, overrides: [trainer.dpo.rounds=2]}\n"
+        "  dpo: {pipeline: dpo, parameters: {trainer.dpo.rounds: [2], trainer.dpo.beta: [0.1, 0.5]}}\n"
         "  ppo: {pipeline: ppo, parameters: {trainer.ppo.kl.target: [1.0, 4.0]}}\n"
         "  grpo: {pipeline: grpo, parameters: {trainer.grpo.kl.coef: [0.05]}}\n")
     sweep_dir = tmp_path / "sweep"

@@ -18,17 +18,20 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_the_frontier_sweep_has_one_arm_per_method_with_its_own_pipeline_and_keys(tmp_path):
     spec = load_sweep("frontier", {})
     trials = expand_trials(spec)
-    assert [t.index for t in trials] == list(range(16))
+    assert [t.index for t in trials] == list(range(19))
     assert [t.arm.name for t in trials] == ["dpo"] * 3 + ["dpo_iterative"] * 4 + ["ppo"] * 3 + ["grpo"] * 3 + \
-        ["rloo"] * 3
+        ["rloo"] * 3 + ["dpo_kl_budget"] * 3
     assert spec.keys() == ["trainer.dpo.beta", "trainer.ppo.kl.target", "trainer.grpo.kl.coef",
-                           "trainer.rloo.kl.coef"]
+                           "trainer.rloo.kl.coef", "trainer.dpo.kl_budget"]
     configs = [compose_run_config(trial_overrides(spec, [], t, tmp_path)) for t in trials]
-    assert [c.pipeline.name for c in configs] == ["dpo"] * 7 + ["ppo"] * 3 + ["grpo"] * 3 + ["rloo"] * 3
+    assert [c.pipeline.name for c in configs] == ["dpo"] * 7 + ["ppo"] * 3 + ["grpo"] * 3 + ["rloo"] * 3 + ["dpo"] * 3
     one_round, iterative = configs[1].trainer["dpo"], configs[4].trainer["dpo"]
     assert (one_round.extras.rounds, one_round.loop.max_steps, one_round.extras.pair_prompts) == (1, 400, 2000)
     assert (iterative.extras.rounds, iterative.loop.max_steps, iterative.extras.pair_prompts) == (4, 100, 500)
     assert one_round.method.beta == iterative.method.beta == 0.1
+    assert one_round.extras.kl_budget is None and iterative.extras.kl_budget is None
+    budgeted = configs[17].trainer["dpo"]
+    assert (budgeted.extras.rounds, budgeted.loop.max_steps, budgeted.extras.kl_budget) == (4, 75, 2.0)
     assert [c.trainer["ppo"].method.kl.target for c in configs[7:10]] == [1.0, 4.0, 12.0]
     assert configs[11].trainer["grpo"].method.kl.coef == 0.2 and configs[15].trainer["rloo"].method.kl.coef == 0.2
     assert configs[0].run_dir == str(tmp_path / "trials" / "trial-000")
