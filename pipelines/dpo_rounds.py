@@ -42,10 +42,10 @@ from .stages import (
     ROUND_SEED_STRIDE,
     _data,
     _inputs,
+    _prompts,
     dpo_adapters,
     dpo_eval_path,
     dpo_eval_set,
-    _prompts,
     sample_onpolicy_pairs,
     sampled_kl,
 )

@@ -169,6 +169,15 @@ def _columns(rows: list[Tokenized], use: str) -> dict[str, list]:
     return columns
 
 
+_WARNED: set[str] = set()  # summaries already warned about in this process
+
+
 def _log(report: DataReport, cached: bool) -> None:
+    """The data report: a warning when rows were dropped, truncated or repeated; once per process for the same
+    report (iterative DPO reads the prompts file again every round), later copies at debug level."""
     level = logging.WARNING if report.dropped or report.truncated or report.duplicates else logging.INFO
-    log.log(level, "%s%s", report.summary(), " (from the tokenized-data cache)" if cached else "")
+    text = report.summary() + (" (from the tokenized-data cache)" if cached else "")
+    if level == logging.WARNING and text in _WARNED:
+        level = logging.DEBUG
+    _WARNED.add(text)
+    log.log(level, "%s", text)

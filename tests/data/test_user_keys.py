@@ -87,6 +87,16 @@ def test_exact_duplicates_are_reported_with_their_rows(tmp_path, tokenizer, capl
             "row 2, row 6 repeats row 1): kept, each copy used again") in record.getMessage()
 
 
+def test_the_same_report_warns_once_per_process(tmp_path, tokenizer, caplog):
+    """Iterative DPO reads its prompts file again every round: the same warning is not repeated."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [SFT[0], SFT[1], SFT[0]])
+    with caplog.at_level(logging.DEBUG, logger="align.data"):
+        for _ in range(3):
+            prepare_sft(config(path), tokenizer, key="data.sft")
+    levels = [r.levelno for r in caplog.records if r.name == "align.data" and "duplicate" in r.getMessage()]
+    assert levels[0] == logging.WARNING and set(levels[1:]) <= {logging.DEBUG} and len(levels) == 3
+
+
 def test_a_file_without_duplicates_logs_no_warning(tmp_path, tokenizer, caplog):
     with caplog.at_level(logging.INFO, logger="align.data"):
         prepare_sft(config(write_jsonl(tmp_path / "sft.jsonl", SFT)), tokenizer)

@@ -177,7 +177,7 @@ def test_an_arm_sweep_puts_several_methods_on_one_frontier(tmp_path, env):
     with (sweep_dir / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["arm"] for r in rows] == ["dpo", "dpo", "ppo", "ppo", "grpo"]
-    for row, (name, trial) in zip(rows, stages.items()):
+    for row, name in zip(rows, stages):
         result = json.loads((sweep_dir / "trials" / name / "eval" / "result.json").read_text())
         assert float(row["kl_to_reference"]) == pytest.approx(result["kl_to_reference"], rel=1e-9)
         assert float(row["policy_score_mean"]) == pytest.approx(result["policy_score_mean"], rel=1e-9)

@@ -13,8 +13,8 @@ from pipelines.report import (
     pareto_front,
     plot_frontier,
     plot_stage_curves,
-    series_fronts,
     read_series,
+    series_fronts,
     summary_lines,
     write_report,
 )

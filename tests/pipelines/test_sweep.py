@@ -4,7 +4,6 @@ computed once, and the results table. The sweep itself runs end to end in test_p
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
