@@ -222,10 +222,14 @@ def plot_frontier(points: list[dict], path: str | Path, *, ylabel: str = "mean r
             ax.legend(fontsize="small", loc="best")
     else:
         ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("KL to reference (nats per response)")
+    kls = [p["kl"] for p in points]
+    log_x = bool(kls) and min(kls) > 0 and max(kls) / min(kls) > 20  # a wide range: low-KL points stay apart
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("KL to reference (nats per response" + (", log scale)" if log_x else ")"))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both" if log_x else "major")
     return _save_png(fig, path)
 
 
