@@ -231,6 +231,11 @@ def _run_trial(config: dict) -> None:
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
+# the eval stage's numbers each trial's row carries
+RESULT_METRICS = ("win_rate", "wins", "ties", "losses", "policy_score_mean", "reference_score_mean", "kl_to_reference",
+                  "seconds")
+
+
 def run_sweep(spec: SweepSpec, common: list[str], sweep_dir: Path, log=print) -> list[dict]:
     import ray
     from ray import tune
@@ -284,10 +289,6 @@ def run_sweep(spec: SweepSpec, common: list[str], sweep_dir: Path, log=print) ->
     rows.sort(key=lambda r: r["trial"])
     write_results(spec, rows, sweep_dir, log)
     return rows
-
-
-RESULT_METRICS = ("win_rate", "wins", "ties", "losses", "policy_score_mean", "reference_score_mean", "kl_to_reference",
-                  "seconds")
 
 
 def write_results(spec: SweepSpec, rows: list[dict], sweep_dir: Path, log=print) -> None:

@@ -14,8 +14,8 @@ reference: the SFT adapter (``round_reference=sft``) or the policy as the previo
 to the SFT policy (nats per response, as the eval stage measures it) is kept in ``round-<r-1>/kl.json``. Round r
 runs only if that KL plus the increase of the round before (round 1's increase is its KL) stays within the budget;
 otherwise the stage stops and its adapter is round r-1's. (A shortened last round was tried and dropped: a round's
-KL is front-loaded, 36 of 75 steps added 0.89 nats where a whole round had added 0.64.) The decision reads the kept numbers, so a resumed stage
-makes the same one. The measurement loads its own plain model on rank 0 (the other DeepSpeed ranks wait), before
+KL is front-loaded, 36 of 75 steps added 0.89 nats where a whole round had added 0.64.) The decision reads the kept
+numbers, so a resumed stage makes the same one. The measurement loads its own plain model on rank 0 (the other DeepSpeed ranks wait), before
 the next round builds its trainer.
 
 Every round loads the base afresh and reads the previous round's adapter back from disk, whether that round
@@ -91,8 +91,9 @@ def run_dpo_rounds(ctx: StageContext) -> StageResult:
             if budget is not None and number > 1:
                 kls.append(round_kl(ctx, number - 1))
                 metrics[f"round-{number - 1}/kl_to_sft"] = kls[-1]
-                if projected_kl(kls) > budget:
-                    metrics["kl_projected"] = projected_kl(kls)
+                projected = projected_kl(kls)
+                if projected > budget:
+                    metrics["kl_projected"] = projected
                     break
             directory = round_dir(ctx, number)
             if not (directory / "adapter").is_dir():  # finished rounds are skipped, never retrained

@@ -185,8 +185,9 @@ class DPOExtras:
     1: the SFT adapter) and trains the policy further on them with a fresh DPO trainer; ``max_steps`` and
     ``pair_prompts`` are per round. Rounds (and ``round_reference``, ``kl_budget``) are for on-policy pairs: with
     ``pairs=dataset`` the stage is one pass of ``max_steps`` over ``data.preferences`` (an explicit
-    ``trainer.dpo.rounds`` > 1 there is refused by ``compose_run_config``). ``round_reference``: every round's frozen reference is the SFT adapter ('sft'),
-    or the policy as it was at the end of the previous round ('previous'; round 1: the SFT adapter).
+    ``trainer.dpo.rounds`` > 1 there is refused by ``compose_run_config``). ``round_reference``: every round's frozen
+    reference is the SFT adapter ('sft'), or the policy as it was at the end of the previous round ('previous'; round
+    1: the SFT adapter).
 
     ``kl_budget`` (nats per response, null = off; rounds > 1): before each round after the first, the policy's KL to
     the SFT policy is measured on samples (``pipelines.dpo_rounds``); the round runs only if that KL plus the last
@@ -649,10 +650,13 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
 
 def _identity_extras(stage: str, extras: dict) -> dict:
     """The stage's own keys that shape its result. A one-round DPO stage (``rounds=1``, or any DPO on a dataset's
-    pairs) leaves out ``rounds``, ``round_reference`` and ``kl_budget`` (which then change nothing), so its identity stays the one it had before iterative DPO
-    existed: finished single-round runs and stage caches are still recognised."""
-    if stage == "dpo" and (extras.get("rounds") == 1 or extras.get("pairs") == "dataset"):
-        return {k: v for k, v in extras.items() if k not in ("rounds", "round_reference", "kl_budget")}
-    if stage == "dpo" and extras.get("kl_budget") is None:  # as before the budget existed
-        return {k: v for k, v in extras.items() if k != "kl_budget"}
-    return extras
+    pairs) leaves out ``rounds``, ``round_reference`` and ``kl_budget`` (which then change nothing), and an unset
+    ``kl_budget`` is left out too, so identities stay the ones they had before iterative DPO and the budget existed:
+    finished runs and stage caches are still recognised."""
+    if stage != "dpo":
+        return extras
+    if extras.get("rounds") == 1 or extras.get("pairs") == "dataset":
+        unused = ("rounds", "round_reference", "kl_budget")
+    else:
+        unused = ("kl_budget",) if extras.get("kl_budget") is None else ()
+    return {k: v for k, v in extras.items() if k not in unused}
