@@ -52,6 +52,10 @@ def main(ds_config: str, out: Path, algo: str, quantization: str, die_at: int | 
               "partitioned": all(p.numel() == 0 for p in trainer.params.values()),
               "prompts_seen": trainer.prompts.position}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # leave together and close the group: a rank that exits while the other still talks to it (or with the group's
+    # threads alive) sometimes aborted at exit ("terminate called without an active exception", SIGABRT)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
